@@ -1,0 +1,274 @@
+"""The forward model: binned SFH and ZH to an observed spectrum and photometry.
+
+    SFH, ZH --synthesis--> young + old L_lambda (rest, air)
+            --dust (Charlot & Fall: birth clouds + diffuse)-->
+            --nebular lines and continuum (young stars' light, birth-cloud dust)-->
+            --air to vacuum, redshift (d_L, 1+z)-->
+            --flux-conserving resampling onto the observed pixels-->
+            --velocity dispersion and instrumental resolution (band matrices)-->
+            --calibration (aperture factor, Legendre polynomial)--> f_lambda [1e-17 erg/s/cm^2/A]
+    the same rest-frame SED on a coarse grid --filters--> band fluxes [nanomaggies]
+
+Every step is a batched torch function; this module only wires them. Nothing
+here knows about Pyro: the probabilistic models call :meth:`ForwardModel.forward`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import dust as dustlaw
+from .cosmology import MPC_CM, Cosmology
+from .instrument import (
+    FWHM_PER_SIGMA, air_to_vacuum, apply_band, desi_band, legendre_calibration, lsf_band,
+    sigma_from_resolution, velocity_sigma)
+from .photometry import Photometry
+from .resample import check_wavelengths, edges_from_centers, interp1d, resample
+from .sps.grid import LSUN_ERG_S, SSPGrid, load_bc03_miles, log_wave_grid, rebin_grid
+from .sps.nebular import NebularEmission
+from .sps.synthesis import StellarSynthesis
+
+#: Spectra are returned in this unit of erg/s/cm^2/A.
+FLUX_UNIT = 1e-17
+#: Lyman limit, Angstrom.
+LYMAN_LIMIT_AA = 911.75
+
+
+@dataclass
+class ModelOutput:
+    """What :class:`ForwardModel` returns (batch shape ``...``).
+
+    Attributes:
+        spectrum: Observed f_lambda on the observed pixels, (..., M), 1e-17 erg/s/cm^2/A; None without a grid.
+        photometry: Band fluxes, (..., K), nanomaggies; None without bands.
+        mass_formed: (...,) Msun.
+        surviving_mass: Living stars and remnants, (...,) Msun.
+        line_luminosity: Dust-attenuated nebular line luminosities, (..., J) Lsun; None without nebular emission.
+    """
+
+    spectrum: Tensor | None
+    photometry: Tensor | None
+    mass_formed: Tensor
+    surviving_mass: Tensor
+    line_luminosity: Tensor | None = None
+
+
+class _Branch(torch.nn.Module):
+    """Synthesis + nebular emission + dust on one rest-frame grid."""
+
+    def __init__(self, grid: SSPGrid, t_bc: float, nebular: bool, fesc: float):
+        super().__init__()
+        self.stars = StellarSynthesis(grid, t_bc=t_bc)
+        self.nebular = NebularEmission(grid.wave, t_bc=t_bc) if nebular else None
+        wave = torch.from_numpy(grid.wave)
+        self.register_buffer("wave_air", wave.float())
+        self.register_buffer("edges_vac", edges_from_centers(air_to_vacuum(wave)).double())
+        esc = torch.where(wave < LYMAN_LIMIT_AA, torch.tensor(float(fesc), dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+        self.register_buffer("young_escape", esc.float())
+        if nebular:
+            lw = self.nebular.line_wave.double()
+            inside = (lw > grid.wave[0]) & (lw < grid.wave[-1])
+            # deposit each line on its two nearest pixels (flux and centroid kept)
+            w = wave.double()
+            j = (torch.searchsorted(w, lw, right=True) - 1).clamp(0, len(w) - 2)
+            u = ((lw - w[j]) / (w[j + 1] - w[j])).clamp(0, 1)
+            width = torch.diff(self.edges_vac)  # the pixel widths the resampling integrates over
+            self.register_buffer("line_index", torch.cat([j, j + 1]))
+            dep = torch.cat([(1 - u) / width[j], u / width[j + 1]]) * torch.cat([inside, inside])
+            self.register_buffer("line_deposit", dep.float())
+
+    def forward(self, mass, edges, logz, max_age, a_diffuse, a_bc, a_diffuse_lines, a_bc_lines,
+                logz_gas, log_u):
+        pop = self.stars(mass, edges, logz, max_age)
+        t_old = dustlaw.transmission(a_diffuse)
+        t_young = t_old * dustlaw.transmission(a_bc)
+        young = pop.young
+        lines = None
+        if self.nebular is not None:
+            lines, cont = self.nebular(mass, edges, logz_gas, log_u)
+            young = young * self.young_escape + cont
+            lines = lines * dustlaw.transmission(a_diffuse_lines + a_bc_lines)
+            young_lines = torch.zeros_like(young).index_add(
+                -1, self.line_index, torch.cat([lines, lines], -1) * self.line_deposit)
+            sed = young * t_young + young_lines + pop.old * t_old
+        else:
+            sed = young * t_young + pop.old * t_old
+        return sed, pop, lines
+
+
+class ForwardModel(torch.nn.Module):
+    """Observed spectra and photometry of galaxies from binned SFH and ZH.
+
+    Arguments:
+        grid: SSP grid; the BC03+MILES grid by default.
+        wave_obs: Observed pixel centres, (M,), vacuum Angstrom (e.g. DESI's
+            3600-9824 A at 0.8 A); None for photometry only.
+        bands: Filter names (see :class:`sedppl.photometry.Photometry`); empty for no photometry.
+        z_range: Redshifts the model must cover; outside it raises an error.
+        resolving_power, fwhm: Instrumental resolution as R or FWHM (Angstrom,
+            scalar or (M,)); both None for none (or a per-galaxy resolution matrix).
+        nebular: Include nebular lines and continuum.
+        t_bc: Birth-cloud age, Gyr (young stars: dust and ionising light).
+        fesc: Escape fraction of ionising photons when ``nebular`` (0: all absorbed).
+        cosmology: A :class:`sedppl.cosmology.Cosmology`; Planck18 by default.
+        phot_dlnlam: Log-wavelength step of the coarse rest-frame grid for photometry.
+    """
+
+    def __init__(self, grid: SSPGrid | None = None, wave_obs: np.ndarray | None = None,
+                 bands: list[str] | tuple[str, ...] = (), z_range: tuple[float, float] = (0.0, 1.0),
+                 resolving_power: float | np.ndarray | None = None, fwhm: float | np.ndarray | None = None,
+                 nebular: bool = True, t_bc: float = 0.01, fesc: float = 0.0,
+                 cosmology: Cosmology | None = None, phot_dlnlam: float = 1e-3):
+        super().__init__()
+        grid = load_bc03_miles() if grid is None else grid
+        if not 0 <= z_range[0] < z_range[1]:
+            raise ValueError(f"z_range must satisfy 0 <= zmin < zmax, got {z_range}")
+        if wave_obs is None and not bands:
+            raise ValueError("give observed wavelengths, bands, or both")
+        self.z_range = (float(z_range[0]), float(z_range[1]))
+        self.cosmology = cosmology if cosmology is not None else Cosmology(z_max=max(20.0, z_range[1]))
+        self.grid = grid
+        self.spec = None
+        if wave_obs is not None:
+            w = torch.as_tensor(np.asarray(wave_obs, float))
+            check_wavelengths(w, "observed wavelengths")
+            self.register_buffer("wave_obs", w.float())
+            self.register_buffer("edges_obs", edges_from_centers(w).double())
+            lo = float(self.edges_obs[0]) / (1 + z_range[1]) / 1.01
+            hi = float(self.edges_obs[-1]) / (1 + z_range[0]) * 1.01
+            self.spec = _Branch(grid.restrict(lo, hi), t_bc, nebular, fesc)
+            self.register_buffer("template_fwhm", torch.from_numpy(self.spec.stars.grid.fwhm
+                                 if self.spec.stars.grid.fwhm is not None else np.zeros(len(self.spec.wave_air))).float())
+            if resolving_power is not None or fwhm is not None:
+                sig = sigma_from_resolution(w, resolving_power, None if fwhm is None else torch.as_tensor(fwhm, dtype=w.dtype))
+                self.register_buffer("instrument_sigma", sig.float())
+            else:
+                self.instrument_sigma = None
+        self.phot = None
+        if bands:
+            self.photometry = Photometry(bands)
+            lo = self.photometry.wave_min / (1 + z_range[1]) / 1.01
+            hi = self.photometry.wave_max / (1 + z_range[0]) * 1.01
+            if lo < grid.wave[0] or hi > grid.wave[-1]:
+                raise ValueError(f"the bands need rest-frame {lo:.0f}-{hi:.0f} A; the grid has "
+                                 f"{grid.wave[0]:.0f}-{grid.wave[-1]:.0f} A")
+            coarse = rebin_grid(grid.restrict(lo / 1.01, hi * 1.01), log_wave_grid(lo, hi, phot_dlnlam))
+            self.phot = _Branch(coarse, t_bc, nebular, fesc)
+        self.nebular = nebular
+
+    def check_redshift(self, z: Tensor) -> None:
+        """Raise ``ValueError`` if a redshift lies outside the model's ``z_range``."""
+        if torch.any(~torch.isfinite(z)):
+            raise ValueError("redshift: non-finite value")
+        lo, hi = self.z_range
+        if torch.any(z < lo) or torch.any(z > hi):
+            raise ValueError(f"redshift outside the model's range [{lo}, {hi}]: "
+                             f"{z[(z < lo) | (z > hi)].flatten()[0].item():.4g}")
+        if torch.any(z <= 0):
+            raise ValueError("redshift must be > 0 (d_L = 0 at z = 0)")
+
+    def _attenuation(self, wave, av, dust_index, av_bc, bc_index):
+        a_diff = dustlaw.calzetti(wave, av) if dust_index is None else dustlaw.kriek_conroy(wave, av, dust_index)
+        a_bc = dustlaw.birth_cloud(wave, av_bc, bc_index)
+        return a_diff, a_bc
+
+    def forward(self, mass: Tensor, edges: Tensor, logz: Tensor, z: Tensor, av: Tensor | float = 0.0,
+                dust_index: Tensor | None = None, av_bc: Tensor | float = 0.0, bc_index: float = -1.0,
+                log_u: Tensor | float = -2.5, logz_gas: Tensor | None = None,
+                sigma_v: Tensor | None = None, resolution_matrix: Tensor | None = None,
+                calibration_scale: Tensor | float | None = None, calibration_poly: Tensor | None = None,
+                check: bool = True) -> ModelOutput:
+        """Model spectra and photometry.
+
+        Arguments:
+            mass: Stellar mass formed per SFH bin, (..., N), Msun.
+            edges: Bin edges in lookback time, (..., N+1), Gyr, youngest first,
+                the oldest at most t_univ(z).
+            logz: Stellar log10(Z/Zsun) per bin, (..., N).
+            z: Redshift, (...,).
+            av: Diffuse-dust attenuation at 5500 A, (...,), mag.
+            dust_index: Kriek & Conroy index n, (...,); None for Calzetti.
+            av_bc: Extra birth-cloud attenuation at 5500 A on stars younger than t_bc, (...,), mag.
+            bc_index: Power-law index of the birth-cloud curve.
+            log_u: Ionisation parameter, (...,).
+            logz_gas: Gas log10(Z/Zsun), (...,); by default that of the youngest bin.
+            sigma_v: Line-of-sight velocity dispersion, (...,), km/s, or None.
+            resolution_matrix: Per-galaxy DESI-layout resolution data, (..., 2H+1, M),
+                applied instead of the constructor's R/FWHM.
+            calibration_scale: Aperture factor multiplying the spectrum, (...,).
+            calibration_poly: Legendre coefficients of a multiplicative polynomial, (..., K).
+
+        Returns:
+            A :class:`ModelOutput`.
+        """
+        dtype = self.spec.stars.dtype if self.spec is not None else self.phot.stars.dtype
+        z = torch.as_tensor(z, dtype=dtype)
+        if check:
+            self.check_redshift(z)
+            dustlaw.check_dust(av=torch.as_tensor(av), av_bc=torch.as_tensor(av_bc))
+        d_l = self.cosmology.luminosity_distance(z)  # Mpc
+        max_age = self.cosmology.age(z)
+        logz = torch.as_tensor(logz, dtype=dtype)
+        gas = logz[..., 0] if logz_gas is None else torch.as_tensor(logz_gas, dtype=dtype)
+        log_u = torch.as_tensor(log_u, dtype=dtype)
+        av = torch.as_tensor(av, dtype=dtype)
+        av_bc = torch.as_tensor(av_bc, dtype=dtype)
+        dust_index = None if dust_index is None else torch.as_tensor(dust_index, dtype=dtype)
+        out_spec = out_phot = lines_out = None
+        pop = None
+        for branch in (self.spec, self.phot):
+            if branch is None:
+                continue
+            a_diff, a_bc = self._attenuation(branch.wave_air, av, dust_index, av_bc, bc_index)
+            if branch.nebular is not None:
+                lw = branch.nebular.line_wave.to(dtype)
+                a_dl, a_bl = self._attenuation(lw, av, dust_index, av_bc, bc_index)
+            else:
+                a_dl = a_bl = None
+            sed, pop, lines = branch(mass, edges, logz, max_age, a_diff, a_bc, a_dl, a_bl, gas, log_u)
+            # f_lambda = L / (4 pi d_L^2 (1+z)) at lambda_obs = (1+z) lambda_rest
+            scale = (LSUN_ERG_S / (4 * np.pi * MPC_CM**2)) / d_l**2  # erg/s/cm^2 per Lsun, (...,)
+            if branch is self.spec:
+                lines_out = lines
+                zz = (1 + z.double())[..., None]
+                target = self.edges_obs / zz  # rest-frame vacuum edges of the observed pixels
+                flux = resample(sed.double(), branch.edges_vac, target, zz).to(dtype)
+                flux = flux * (scale / FLUX_UNIT)[..., None]
+                flux = self._instrument(flux, z, sigma_v, resolution_matrix)
+                if calibration_scale is not None or calibration_poly is not None:
+                    coeffs = calibration_poly if calibration_poly is not None else torch.zeros(1, dtype=dtype)
+                    s = 1.0 if calibration_scale is None else calibration_scale
+                    flux = flux * legendre_calibration(self.wave_obs.to(dtype), coeffs, s)
+                out_spec = flux
+            else:
+                zz = (1 + z)[..., None]
+                flam = sed * (scale / (1 + z))[..., None]
+                edges_o = branch.edges_vac.to(dtype) * zz
+                # the lines are already deposited in ``sed``
+                out_phot = self.photometry(flam, edges_o)
+        return ModelOutput(out_spec, out_phot, pop.mass_formed, pop.surviving_mass, lines_out)
+
+    def _instrument(self, flux: Tensor, z: Tensor, sigma_v: Tensor | None,
+                    resolution_matrix: Tensor | None) -> Tensor:
+        wave = self.wave_obs.to(flux.dtype)
+        if sigma_v is None and resolution_matrix is None and self.instrument_sigma is None:
+            return flux
+        # the templates' own resolution, moved to the observed frame
+        rest = wave / (1 + z[..., None])
+        tmpl_fwhm = interp1d(rest, self.spec.wave_air.to(flux.dtype),
+                             self.template_fwhm.to(flux.dtype)) * (1 + z[..., None])
+        tmpl = tmpl_fwhm / FWHM_PER_SIGMA
+        var = torch.zeros_like(flux)
+        if sigma_v is not None:
+            var = var + velocity_sigma(wave, torch.as_tensor(sigma_v, dtype=flux.dtype)) ** 2
+        if resolution_matrix is None and self.instrument_sigma is not None:
+            var = var + self.instrument_sigma.to(flux.dtype) ** 2
+        if torch.any(var > 0):
+            flux = apply_band(flux, lsf_band(wave, torch.sqrt(var + 1e-30), tmpl))
+        if resolution_matrix is not None:
+            flux = apply_band(flux, desi_band(torch.as_tensor(resolution_matrix, dtype=flux.dtype)))
+        return flux

@@ -1,0 +1,151 @@
+"""Broad-band photometry through ``speclite`` filter curves, in nanomaggies.
+
+A band flux in maggies is the photon-weighted mean f_nu relative to 3631 Jy
+(AB), computed from f_lambda as
+
+    maggies = int f_lambda S(lambda) lambda dlambda / (3631 Jy * c * int S(lambda) / lambda dlambda),
+
+with S the filter's response per photon. Nanomaggies are 1e9 maggies;
+m_AB = 22.5 - 2.5 log10(f / nmgy). The spectrum is taken as constant across
+each of its pixels and the filter as piecewise linear between its own samples,
+and each pixel's share is integrated exactly, so the result is accurate on
+any wavelength sampling and smooth (differentiable) in redshift.
+
+References:
+    Oke & Gunn 1983, ApJ 266, 713 (AB system).
+    Kirkby et al., speclite (filter curves).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .resample import integrate_at
+
+#: AB zero point, erg/s/cm^2/Hz.
+AB_FNU_CGS = 3631e-23
+#: Speed of light in Angstrom/s.
+C_AA_S = 2.99792458e18
+
+#: Short names accepted besides speclite's own (``group-band``).
+ALIASES = {
+    **{f"sdss_{b}": f"sdss2010-{b}" for b in "ugriz"},
+    **{f"decam_{b}": f"decamDR1-{b}" for b in "grizY"},
+    "bass_g": "BASS-g", "bass_r": "BASS-r", "mzls_z": "MzLS-z",
+    **{f"wise_w{i}": f"wise2010-W{i}" for i in range(1, 5)},
+    "galex_fuv": "galex-FUV", "galex_nuv": "galex-NUV",
+    "2mass_j": "twomass-J", "2mass_h": "twomass-H", "2mass_ks": "twomass-Ks",
+}
+
+
+def available_filters() -> list[str]:
+    """Names of all filter curves speclite ships (``group-band``)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("speclite")
+    root = os.path.join(os.path.dirname(spec.origin), "data", "filters")
+    return sorted(f[:-5] for f in os.listdir(root) if f.endswith(".ecsv"))
+
+
+def load_curve(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Wavelengths (Angstrom) and response of a speclite filter, by name or alias."""
+    import speclite.filters
+
+    key = ALIASES.get(name.lower(), name)
+    if key not in available_filters():
+        raise ValueError(f"unknown filter {name!r}; known: {', '.join(available_filters())} "
+                         f"and aliases {', '.join(ALIASES)}")
+    f = speclite.filters.load_filter(key)
+    return np.asarray(f.wavelength, float), np.asarray(f.response, float)
+
+
+def nanomaggies_to_ab(flux: Tensor) -> Tensor:
+    """AB magnitudes from fluxes in nanomaggies."""
+    return 22.5 - 2.5 * torch.log10(flux)
+
+
+def ab_to_nanomaggies(mag: Tensor) -> Tensor:
+    """Fluxes in nanomaggies from AB magnitudes."""
+    return torch.pow(10.0, -0.4 * (torch.as_tensor(mag) - 22.5))
+
+
+class Photometry(torch.nn.Module):
+    """A set of filters applied to batched spectra.
+
+    Arguments:
+        bands: Filter names: speclite's (``"sdss2010-r"``, ``"wise2010-W1"``,
+            ``"decamDR1-g"``, ``"BASS-g"``, ``"MzLS-z"``, ``"galex-NUV"``,
+            ``"twomass-Ks"``, ...) or the aliases in :data:`ALIASES`.
+        n_fine: Samples of each filter's fine cumulative table.
+    """
+
+    def __init__(self, bands: list[str] | tuple[str, ...], n_fine: int = 4000):
+        super().__init__()
+        if len(bands) == 0:
+            raise ValueError("Photometry needs at least one band")
+        self.bands = list(bands)
+        lo, hi, curves = np.inf, 0.0, []
+        for b in self.bands:
+            w, r = load_curve(b)
+            curves.append((w, r))
+            lo, hi = min(lo, w[0]), max(hi, w[-1])
+        fine = np.linspace(lo, hi, n_fine)
+        cums, norms = [], []
+        for w, r in curves:
+            s = np.interp(fine, w, r, left=0.0, right=0.0)
+            g = s * fine
+            cums.append(np.concatenate([[0.0], np.cumsum(0.5 * (g[1:] + g[:-1]) * np.diff(fine))]))
+            # denominator on the filter's own sampling
+            wf = np.linspace(w[0], w[-1], 20 * len(w))
+            sf = np.interp(wf, w, r)
+            norms.append(AB_FNU_CGS * C_AA_S * np.trapezoid(sf / wf, wf))
+        self.register_buffer("fine", torch.tensor(fine))
+        self.register_buffer("cum", torch.tensor(np.array(cums)))  # (K, F)
+        self.register_buffer("norm", torch.tensor(norms))  # (K,) erg/s/cm^2 per maggy
+        self.wave_min, self.wave_max = float(lo), float(hi)
+        self.effective_wavelength = [float(np.trapezoid(r * w, w) / np.trapezoid(r, w)) for w, r in curves]
+
+    def pixel_weights(self, edges_obs: Tensor) -> Tensor:
+        """Per-pixel weights int_pixel S lambda dlambda / norm, (..., K, N), for pixel edges (..., N+1) in A."""
+        e = edges_obs.double().clamp(self.wave_min, self.wave_max)
+        c = integrate_at(self.cum, self.fine, e[..., None, :])  # (..., K, N+1)
+        return (torch.diff(c, dim=-1) / self.norm[:, None]).to(edges_obs.dtype)
+
+    def forward(self, flam: Tensor, edges_obs: Tensor) -> Tensor:
+        """Band fluxes of an observed-frame spectrum.
+
+        Arguments:
+            flam: f_lambda, (..., N), erg/s/cm^2/A, constant across each pixel.
+            edges_obs: Observed-frame pixel edges, (N+1,) or (..., N+1), Angstrom
+                (vacuum: speclite's curves are in vacuum). The spectrum must
+                cover every band's response, else a ValueError is raised.
+
+        Returns:
+            Band fluxes, (..., K), nanomaggies.
+        """
+        if torch.any(edges_obs[..., 0] > self.wave_min) or torch.any(edges_obs[..., -1] < self.wave_max):
+            raise ValueError(
+                f"the spectrum ({edges_obs[..., 0].max().item():.0f}-{edges_obs[..., -1].min().item():.0f} A "
+                f"observed) does not cover the filters ({self.wave_min:.0f}-{self.wave_max:.0f} A)")
+        w = self.pixel_weights(edges_obs)
+        return 1e9 * torch.einsum("...n,...kn->...k", flam, w)
+
+    def lines(self, line_wave_obs: Tensor, line_flux: Tensor) -> Tensor:
+        """Band fluxes (nanomaggies) of emission lines, (..., K).
+
+        Arguments:
+            line_wave_obs: Observed line wavelengths, (..., J), Angstrom.
+            line_flux: Line fluxes, (..., J), erg/s/cm^2.
+        """
+        fine = self.fine
+        x = line_wave_obs.double()
+        j = (torch.searchsorted(fine, x.detach().contiguous(), right=True) - 1).clamp(0, fine.numel() - 2)
+        inside = (x > fine[0]) & (x < fine[-1])
+        # S(lambda) lambda is the derivative of the cumulative table
+        slope = (self.cum[:, 1:] - self.cum[:, :-1]) / (fine[1:] - fine[:-1])  # (K, F-1)
+        s_lam = slope[:, j] * inside  # (K, ..., J)
+        s_lam = torch.movedim(s_lam, 0, -2)  # (..., K, J)
+        return (1e9 * torch.einsum("...j,...kj->...k", line_flux.double(), s_lam) / self.norm).to(line_flux.dtype)
