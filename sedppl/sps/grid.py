@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .remnants import remnant_fraction
+
 #: Solar metallicity (mass fraction) of the BC03 grid: Z/Zsun uses this Zsun.
 BC03_ZSUN = 0.02
 #: Metallicities Z/Zsun of the BC03 + MILES grid HDUs 1-7, in order.
@@ -36,7 +38,7 @@ MILES_RANGE_AA = (3540.5, 7409.6)
 LSUN_ERG_S = 3.826e33
 
 _STELLAR_FILE = "bc03_miles_stellar_grids.fits"
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,16 @@ class SSPGrid:
         flux: L_lambda per unit stellar mass formed, shape (Z, A, L), in
             Lsun/Angstrom/Msun (float32).
         surviving_fraction: Mass in living stars and remnants per unit mass
-            formed (1 - return fraction), shape (Z, A), dimensionless.
+            formed (1 - return fraction), shape (Z, A), dimensionless. For
+            BC03 the remnants come from :mod:`sedppl.sps.remnants`.
         zsun: Solar metallicity (mass fraction) that ``metallicities`` refer to.
         air: Whether ``wave`` is in air.
         fwhm: The templates' own resolution, FWHM in Angstrom, on ``wave``
             (shape (L,)), or None when unknown; used to broaden only by the
             difference to a target resolution.
         name: A label for cards and plots.
+        living_fraction: Mass in living stars only per unit mass formed, (Z, A),
+            or None when the grid does not give it.
     """
 
     wave: np.ndarray
@@ -69,6 +74,7 @@ class SSPGrid:
     air: bool = True
     fwhm: np.ndarray | None = None
     name: str = "custom"
+    living_fraction: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         validate_grid(self)
@@ -89,7 +95,7 @@ class SSPGrid:
                 f"covers {self.wave[0]:.1f}-{self.wave[-1]:.1f} A")
         return SSPGrid(self.wave[sel], self.ages, self.metallicities, self.flux[..., sel],
                        self.surviving_fraction, self.zsun, self.air,
-                       None if self.fwhm is None else self.fwhm[sel], self.name)
+                       None if self.fwhm is None else self.fwhm[sel], self.name, self.living_fraction)
 
 
 def validate_grid(grid: SSPGrid) -> None:
@@ -115,6 +121,10 @@ def validate_grid(grid: SSPGrid) -> None:
         raise ValueError("SSP grid: flux must be finite and non-negative")
     if np.any(s <= 0) or np.any(s > 1):
         raise ValueError("SSP grid: surviving_fraction must lie in (0, 1]")
+    if grid.living_fraction is not None and (grid.living_fraction.shape != s.shape
+                                             or np.any(grid.living_fraction > s + 1e-9)):
+        raise ValueError("SSP grid: living_fraction must have the shape of surviving_fraction "
+                         "and not exceed it")
     if grid.fwhm is not None and np.shape(grid.fwhm) != w.shape:
         raise ValueError("SSP grid: fwhm must have the shape of wave")
 
@@ -170,10 +180,12 @@ def _read_bc03_fits(path: Path) -> dict[str, np.ndarray]:
         liv = np.asarray(hdul["LIV_MSTAR_FRAC"].data, dtype=np.float64)
         ages = np.asarray(hdul["STELLAR_AGE_YR"].data, dtype=np.float64)
         wave = np.asarray(hdul["WAVELENGTHS_AA"].data, dtype=np.float64)
-    # LIV_MSTAR_FRAC: column 0 is log10(age/yr), columns 1-7 the metallicities.
-    surv = liv[:, 1:].T.copy()
+    # LIV_MSTAR_FRAC: column 0 is log10(age/yr), columns 1-7 the metallicities;
+    # the mass in living stars. Remnants are added from the IMF (see remnants.py).
+    living = liv[:, 1:].T.copy()
+    surv = np.minimum(living + remnant_fraction(living), 1.0)
     return dict(wave=wave, ages=ages, metallicities=np.array(BC03_METALLICITIES),
-                flux=flux, surviving_fraction=surv)
+                flux=flux, surviving_fraction=surv, living_fraction=living)
 
 
 def load_bc03_miles(cache: bool = True) -> SSPGrid:
@@ -208,7 +220,8 @@ def load_ssp_grid(path: str | os.PathLike) -> SSPGrid:
     Arguments:
         path: An ``.npz`` with arrays ``wave`` (L,) Angstrom, ``ages`` (A,) yr
             starting at 0, ``metallicities`` (Z,) Z/Zsun, ``flux`` (Z, A, L)
-            Lsun/A per Msun formed, ``surviving_fraction`` (Z, A); optional
+            Lsun/A per Msun formed, ``surviving_fraction`` (Z, A) of living
+            stars and remnants; optional ``living_fraction`` (Z, A); optional
             scalars ``zsun`` (default 0.02), ``air`` (default True) and an
             optional array ``fwhm`` (L,) Angstrom.
 
@@ -227,7 +240,8 @@ def load_ssp_grid(path: str | os.PathLike) -> SSPGrid:
             zsun=float(d["zsun"]) if "zsun" in d.files else BC03_ZSUN,
             air=bool(d["air"]) if "air" in d.files else True,
             fwhm=np.asarray(d["fwhm"], float) if "fwhm" in d.files else None,
-            name=Path(path).stem)
+            name=Path(path).stem,
+            living_fraction=np.asarray(d["living_fraction"], float) if "living_fraction" in d.files else None)
 
 
 def rebin_grid(grid: SSPGrid, wave: np.ndarray) -> SSPGrid:
@@ -248,7 +262,7 @@ def rebin_grid(grid: SSPGrid, wave: np.ndarray) -> SSPGrid:
     if grid.fwhm is not None:
         fwhm = np.maximum(fwhm, np.interp(wave, grid.wave, grid.fwhm))
     return SSPGrid(wave, grid.ages, grid.metallicities, flux, grid.surviving_fraction,
-                   grid.zsun, grid.air, fwhm, grid.name + " (rebinned)")
+                   grid.zsun, grid.air, fwhm, grid.name + " (rebinned)", grid.living_fraction)
 
 
 def log_wave_grid(wmin: float, wmax: float, dlnlam: float) -> np.ndarray:

@@ -103,6 +103,7 @@ class Population:
         mass_formed: Total stellar mass formed, (...,), Msun.
         surviving_mass: Mass in living stars and remnants now, (...,), Msun.
         mass_weights: Mass formed per (Z, native age), (..., Z, A), Msun.
+        living_mass: Mass in living stars only, (...,), Msun (None if the grid lacks it).
     """
 
     young: Tensor
@@ -110,6 +111,7 @@ class Population:
     mass_formed: Tensor
     surviving_mass: Tensor
     mass_weights: Tensor
+    living_mass: Tensor | None = None
 
     @property
     def total(self) -> Tensor:
@@ -174,6 +176,8 @@ class StellarSynthesis(torch.nn.Module):
         self.register_buffer("ssp_young", flat[:, : self.n_young].reshape(-1, nl).contiguous())
         self.register_buffer("log_z", torch.from_numpy(grid.log_metallicities.copy()).float())
         self.register_buffer("surviving", torch.from_numpy(grid.surviving_fraction.copy()).float())
+        self.register_buffer("living", None if grid.living_fraction is None
+                             else torch.from_numpy(grid.living_fraction.copy()).float())
         self.max_age_gyr = float(grid.ages[-1]) / 1e9
 
     @property
@@ -214,6 +218,8 @@ class StellarSynthesis(torch.nn.Module):
         """
         dtype = self.dtype
         mass, edges, logz = (torch.as_tensor(x, dtype=dtype) for x in (mass, edges, logz))
+        if edges.shape[-1] != mass.shape[-1] + 1 or logz.shape[-1] != mass.shape[-1]:
+            check_sfh(mass, edges, logz, None)  # raises with a message naming the mismatch
         batch = torch.broadcast_shapes(mass.shape[:-1], edges.shape[:-1], logz.shape[:-1])
         nbin = mass.shape[-1]
         mass = mass.expand(*batch, nbin)
@@ -233,4 +239,5 @@ class StellarSynthesis(torch.nn.Module):
         m_all = m_old.clone()
         m_all[..., : self.n_young] = m_all[..., : self.n_young] + m_young
         surviving = (m_all * self.surviving).sum((-2, -1))
-        return Population(young, old, mass.sum(-1), surviving, m_all)
+        living = None if self.living is None else (m_all * self.living).sum((-2, -1))
+        return Population(young, old, mass.sum(-1), surviving, m_all, living)
