@@ -32,10 +32,10 @@ C_AA_S = 2.99792458e18
 #: Short names accepted besides speclite's own (``group-band``).
 ALIASES = {
     **{f"sdss_{b}": f"sdss2010-{b}" for b in "ugriz"},
-    **{f"decam_{b}": f"decamDR1-{b}" for b in "grizY"},
+    **{f"decam_{b.lower()}": f"decamDR1-{b}" for b in "grizY"},
     "bass_g": "BASS-g", "bass_r": "BASS-r", "mzls_z": "MzLS-z",
     **{f"wise_w{i}": f"wise2010-W{i}" for i in range(1, 5)},
-    "galex_fuv": "galex-FUV", "galex_nuv": "galex-NUV",
+    "galex_fuv": "galex-fuv", "galex_nuv": "galex-nuv",
     "2mass_j": "twomass-J", "2mass_h": "twomass-H", "2mass_ks": "twomass-Ks",
 }
 
@@ -77,7 +77,7 @@ class Photometry(torch.nn.Module):
 
     Arguments:
         bands: Filter names: speclite's (``"sdss2010-r"``, ``"wise2010-W1"``,
-            ``"decamDR1-g"``, ``"BASS-g"``, ``"MzLS-z"``, ``"galex-NUV"``,
+            ``"decamDR1-g"``, ``"BASS-g"``, ``"MzLS-z"``, ``"galex-nuv"``,
             ``"twomass-Ks"``, ...) or the aliases in :data:`ALIASES`.
         n_fine: Samples of each filter's fine cumulative table.
     """
