@@ -76,13 +76,16 @@ def sigma_from_resolution(wave: Tensor, resolving_power: float | Tensor | None =
     return (f / FWHM_PER_SIGMA).expand_as(wave) if f.dim() == 0 else f / FWHM_PER_SIGMA
 
 
-def gaussian_band(wave: Tensor, sigma: Tensor, half_width: int) -> Tensor:
+def gaussian_band(wave: Tensor, sigma: Tensor, half_width: int, n_sigma: float = 5.0) -> Tensor:
     """Band matrix of a Gaussian LSF with pixel-dependent width.
 
     Arguments:
         wave: Pixel centres, (M,) Angstrom, increasing.
         sigma: Gaussian sigma at each pixel, (..., M), Angstrom (>= 0).
         half_width: H; the band has 2H + 1 diagonals.
+        n_sigma: Pixels whose centres lie more than ``n_sigma`` sigma away get
+            no weight, so a galaxy's kernel does not depend on H (nor on the
+            other galaxies of a batch).
 
     Returns:
         (..., 2H+1, M): row weights, d = -H..H, each row summing to 1. A zero
@@ -99,7 +102,9 @@ def gaussian_band(wave: Tensor, sigma: Tensor, half_width: int) -> Tensor:
     w = 0.5 * (torch.erf(hi / s) - torch.erf(lo / s))
     # pixels beyond the ends repeat the edge pixel: drop their duplicate weight
     valid = ((torch.arange(m)[None, :] + offs[:, None]) >= 0) & ((torch.arange(m)[None, :] + offs[:, None]) < m)
-    w = w * valid
+    near = (wave[idx] - wave[None, :]).abs() <= n_sigma * sigma[..., None, :]
+    near = near | (offs[:, None] == 0)
+    w = w * valid * near
     w = w / w.sum(-2, keepdim=True)
     return w
 
@@ -156,7 +161,7 @@ def velocity_sigma(wave: Tensor, sigma_kms: Tensor) -> Tensor:
 
 
 def lsf_band(wave: Tensor, sigma_aa: Tensor, template_sigma_aa: Tensor | None = None,
-             n_sigma: float = 4.0) -> Tensor:
+             n_sigma: float = 5.0) -> Tensor:
     """Band matrix of a Gaussian LSF minus the template's own resolution (in quadrature).
 
     Arguments:
@@ -175,7 +180,7 @@ def lsf_band(wave: Tensor, sigma_aa: Tensor, template_sigma_aa: Tensor | None = 
     sig = torch.sqrt(var + 1e-30)
     pix = torch.diff(wave).min().item()
     h = max(1, int(math.ceil(n_sigma * sig.max().item() / pix)))
-    return gaussian_band(wave, sig, h)
+    return gaussian_band(wave, sig, h, n_sigma)
 
 
 def legendre_calibration(wave: Tensor, coeffs: Tensor, scale: Tensor | float = 1.0) -> Tensor:
