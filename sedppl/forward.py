@@ -1,14 +1,16 @@
 """The forward model: binned SFH and ZH to an observed spectrum and photometry.
 
-    SFH, ZH --synthesis--> young + old L_lambda (rest, air)
+    SFH, ZH --synthesis--> young + old L_lambda (rest frame, vacuum)
             --dust (Charlot & Fall: birth clouds + diffuse)-->
             --nebular lines and continuum (young stars' light, birth-cloud dust)-->
-            --air to vacuum, redshift (d_L, 1+z)-->
-            --flux-conserving resampling onto the observed pixels-->
+            --redshift (d_L, 1+z), flux-conserving resampling onto the observed pixels-->
             --velocity dispersion and instrumental resolution (band matrices)-->
             --calibration (aperture factor, Legendre polynomial)--> f_lambda [1e-17 erg/s/cm^2/A]
     the same rest-frame SED on a coarse grid --filters--> band fluxes [nanomaggies]
 
+The air-wavelength SSP and Cloudy grids are moved to vacuum and rebinned once,
+at construction, onto rest-frame grids uniform in ln(lambda) (one fine grid for
+the spectrum, one coarse grid for photometry), so that redshifting is a shift.
 Every step is a batched torch function; this module only wires them. Nothing
 here knows about Pyro: the probabilistic models call :meth:`ForwardModel.forward`.
 """
@@ -24,10 +26,10 @@ from torch import Tensor
 from . import dust as dustlaw
 from .cosmology import MPC_CM, Cosmology
 from .instrument import (
-    FWHM_PER_SIGMA, air_to_vacuum, apply_band, desi_band, legendre_calibration, lsf_band,
+    FWHM_PER_SIGMA, apply_band, desi_band, legendre_calibration, lsf_band,
     sigma_from_resolution, velocity_sigma)
-from .photometry import Photometry
-from .resample import check_wavelengths, edges_from_centers, interp1d, resample
+from .photometry import LogGridPhotometry, Photometry
+from .resample import check_wavelengths, edges_from_centers, interp1d, resample_log
 from .sps.grid import LSUN_ERG_S, SSPGrid, load_bc03_miles, log_wave_grid, rebin_grid
 from .sps.nebular import NebularEmission
 from .sps.synthesis import StellarSynthesis
@@ -58,25 +60,41 @@ class ModelOutput:
 
 
 class _Branch(torch.nn.Module):
-    """Synthesis + nebular emission + dust on one rest-frame grid."""
+    """Synthesis + nebular emission + dust on one rest-frame grid, uniform in ln(lambda) in vacuum.
 
-    def __init__(self, grid: SSPGrid, t_bc: float, nebular: bool, fesc: float):
+    The SSPs are rebinned (flux-conserving) once onto pixels whose vacuum edges are
+    exp(log_start + i dlnlam); redshifting is then a shift on this grid.
+    """
+
+    def __init__(self, grid: SSPGrid, wmin: float, wmax: float, dlnlam: float,
+                 t_bc: float, nebular: bool, fesc: float):
         super().__init__()
-        self.stars = StellarSynthesis(grid, t_bc=t_bc)
-        self.nebular = NebularEmission(grid.wave, t_bc=t_bc) if nebular else None
-        wave = torch.from_numpy(grid.wave)
-        self.register_buffer("wave_air", wave.float())
-        self.register_buffer("edges_vac", edges_from_centers(air_to_vacuum(wave)).double())
-        esc = torch.where(wave < LYMAN_LIMIT_AA, torch.tensor(float(fesc), dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+        centers_vac = log_wave_grid(wmin, wmax, dlnlam)
+        self.dlnlam = float(dlnlam)
+        self.log_start = float(np.log(centers_vac[0]) - 0.5 * dlnlam)
+        edges_vac = torch.exp(self.log_start + self.dlnlam * torch.arange(len(centers_vac) + 1, dtype=torch.float64))
+        vac = grid.to_vacuum()
+        if edges_vac[0] < vac.wave[0] or edges_vac[-1] > vac.wave[-1]:
+            raise ValueError(f"the model needs rest-frame {float(edges_vac[0]):.0f}-{float(edges_vac[-1]):.0f} A "
+                             f"(vacuum); the SSP grid has {vac.wave[0]:.0f}-{vac.wave[-1]:.0f} A")
+        local = rebin_grid(vac.restrict(float(edges_vac[0]) * 0.99, float(edges_vac[-1]) * 1.01), centers_vac)
+        self.stars = StellarSynthesis(local, t_bc=t_bc)
+        self.nebular = NebularEmission(local.wave, t_bc=t_bc, vacuum=True) if nebular else None
+        wave = torch.from_numpy(local.wave)
+        self.register_buffer("wave", wave.float())
+        self.register_buffer("edges_vac", edges_vac)
+        self.register_buffer("template_fwhm", torch.from_numpy(local.fwhm).float())
+        esc = torch.where(wave < LYMAN_LIMIT_AA, torch.tensor(float(fesc), dtype=torch.float64),
+                          torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("young_escape", esc.float())
         if nebular:
             lw = self.nebular.line_wave.double()
-            inside = (lw > grid.wave[0]) & (lw < grid.wave[-1])
+            inside = (lw > local.wave[0]) & (lw < local.wave[-1])
             # deposit each line on its two nearest pixels (flux and centroid kept)
             w = wave.double()
             j = (torch.searchsorted(w, lw, right=True) - 1).clamp(0, len(w) - 2)
             u = ((lw - w[j]) / (w[j + 1] - w[j])).clamp(0, 1)
-            width = torch.diff(self.edges_vac)  # the pixel widths the resampling integrates over
+            width = torch.diff(edges_vac)  # the pixel widths the resampling integrates over
             self.register_buffer("line_index", torch.cat([j, j + 1]))
             dep = torch.cat([(1 - u) / width[j], u / width[j + 1]]) * torch.cat([inside, inside])
             self.register_buffer("line_deposit", dep.float())
@@ -115,14 +133,17 @@ class ForwardModel(torch.nn.Module):
         t_bc: Birth-cloud age, Gyr (young stars: dust and ionising light).
         fesc: Escape fraction of ionising photons when ``nebular`` (0: all absorbed).
         cosmology: A :class:`sedppl.cosmology.Cosmology`; Planck18 by default.
-        phot_dlnlam: Log-wavelength step of the coarse rest-frame grid for photometry.
+        spec_dlnlam: ln(lambda) step of the rest-frame grid for spectra (1.5e-4: 45 km/s,
+            at least 2 pixels per FWHM of the MILES templates).
+        phot_dlnlam: ln(lambda) step of the coarse rest-frame grid for photometry.
     """
 
     def __init__(self, grid: SSPGrid | None = None, wave_obs: np.ndarray | None = None,
                  bands: list[str] | tuple[str, ...] = (), z_range: tuple[float, float] = (0.0, 1.0),
                  resolving_power: float | np.ndarray | None = None, fwhm: float | np.ndarray | None = None,
                  nebular: bool = True, t_bc: float = 0.01, fesc: float = 0.0,
-                 cosmology: Cosmology | None = None, phot_dlnlam: float = 1e-3):
+                 cosmology: Cosmology | None = None, spec_dlnlam: float = 1.5e-4,
+                 phot_dlnlam: float = 1e-3):
         super().__init__()
         grid = load_bc03_miles() if grid is None else grid
         if not 0 <= z_range[0] < z_range[1]:
@@ -138,11 +159,10 @@ class ForwardModel(torch.nn.Module):
             check_wavelengths(w, "observed wavelengths")
             self.register_buffer("wave_obs", w.float())
             self.register_buffer("edges_obs", edges_from_centers(w).double())
-            lo = float(self.edges_obs[0]) / (1 + z_range[1]) / 1.01
-            hi = float(self.edges_obs[-1]) / (1 + z_range[0]) * 1.01
-            self.spec = _Branch(grid.restrict(lo, hi), t_bc, nebular, fesc)
-            self.register_buffer("template_fwhm", torch.from_numpy(self.spec.stars.grid.fwhm
-                                 if self.spec.stars.grid.fwhm is not None else np.zeros(len(self.spec.wave_air))).float())
+            lo = float(self.edges_obs[0]) / (1 + z_range[1]) / 1.002
+            hi = float(self.edges_obs[-1]) / (1 + z_range[0]) * 1.002
+            self.spec = _Branch(grid, lo, hi, spec_dlnlam, t_bc, nebular, fesc)
+            self.register_buffer("log_edges_obs", torch.log(self.edges_obs))
             if resolving_power is not None or fwhm is not None:
                 sig = sigma_from_resolution(w, resolving_power, None if fwhm is None else torch.as_tensor(fwhm, dtype=w.dtype))
                 self.register_buffer("instrument_sigma", sig.float())
@@ -153,11 +173,8 @@ class ForwardModel(torch.nn.Module):
             self.photometry = Photometry(bands)
             lo = self.photometry.wave_min / (1 + z_range[1]) / 1.01
             hi = self.photometry.wave_max / (1 + z_range[0]) * 1.01
-            if lo < grid.wave[0] or hi > grid.wave[-1]:
-                raise ValueError(f"the bands need rest-frame {lo:.0f}-{hi:.0f} A; the grid has "
-                                 f"{grid.wave[0]:.0f}-{grid.wave[-1]:.0f} A")
-            coarse = rebin_grid(grid.restrict(lo / 1.01, hi * 1.01), log_wave_grid(lo, hi, phot_dlnlam))
-            self.phot = _Branch(coarse, t_bc, nebular, fesc)
+            self.phot = _Branch(grid, lo, hi, phot_dlnlam, t_bc, nebular, fesc)
+            self.log_photometry = LogGridPhotometry(self.photometry, self.phot.edges_vac, self.z_range)
         self.nebular = nebular
 
     def check_redshift(self, z: Tensor) -> None:
@@ -223,7 +240,7 @@ class ForwardModel(torch.nn.Module):
         for branch in (self.spec, self.phot):
             if branch is None:
                 continue
-            a_diff, a_bc = self._attenuation(branch.wave_air, av, dust_index, av_bc, bc_index)
+            a_diff, a_bc = self._attenuation(branch.wave, av, dust_index, av_bc, bc_index)
             if branch.nebular is not None:
                 lw = branch.nebular.line_wave.to(dtype)
                 a_dl, a_bl = self._attenuation(lw, av, dust_index, av_bc, bc_index)
@@ -234,9 +251,8 @@ class ForwardModel(torch.nn.Module):
             scale = (LSUN_ERG_S / (4 * np.pi * MPC_CM**2)) / d_l**2  # erg/s/cm^2 per Lsun, (...,)
             if branch is self.spec:
                 lines_out = lines
-                zz = (1 + z.double())[..., None]
-                target = self.edges_obs / zz  # rest-frame vacuum edges of the observed pixels
-                flux = resample(sed.double(), branch.edges_vac, target, zz).to(dtype)
+                # integral of L over each observed pixel, per observed Angstrom
+                flux = resample_log(sed, branch.log_start, branch.dlnlam, self.log_edges_obs, torch.log1p(z))
                 flux = flux * (scale / FLUX_UNIT)[..., None]
                 flux = self._instrument(flux, z, sigma_v, resolution_matrix)
                 if calibration_scale is not None or calibration_poly is not None:
@@ -245,11 +261,9 @@ class ForwardModel(torch.nn.Module):
                     flux = flux * legendre_calibration(self.wave_obs.to(dtype), coeffs, s)
                 out_spec = flux
             else:
-                zz = (1 + z)[..., None]
                 flam = sed * (scale / (1 + z))[..., None]
-                edges_o = branch.edges_vac.to(dtype) * zz
                 # the lines are already deposited in ``sed``
-                out_phot = self.photometry(flam, edges_o)
+                out_phot = self.log_photometry(flam, z)
         return ModelOutput(out_spec, out_phot, pop.mass_formed, pop.surviving_mass, lines_out)
 
     def _instrument(self, flux: Tensor, z: Tensor, sigma_v: Tensor | None,
@@ -259,8 +273,8 @@ class ForwardModel(torch.nn.Module):
             return flux
         # the templates' own resolution, moved to the observed frame
         rest = wave / (1 + z[..., None])
-        tmpl_fwhm = interp1d(rest, self.spec.wave_air.to(flux.dtype),
-                             self.template_fwhm.to(flux.dtype)) * (1 + z[..., None])
+        tmpl_fwhm = interp1d(rest, self.spec.wave.to(flux.dtype),
+                             self.spec.template_fwhm.to(flux.dtype)) * (1 + z[..., None])
         tmpl = tmpl_fwhm / FWHM_PER_SIGMA
         var = torch.zeros_like(flux)
         if sigma_v is not None:

@@ -79,10 +79,10 @@ class Photometry(torch.nn.Module):
         bands: Filter names: speclite's (``"sdss2010-r"``, ``"wise2010-W1"``,
             ``"decamDR1-g"``, ``"BASS-g"``, ``"MzLS-z"``, ``"galex-nuv"``,
             ``"twomass-Ks"``, ...) or the aliases in :data:`ALIASES`.
-        n_fine: Samples of each filter's fine cumulative table.
+        n_fine: Samples (log-spaced) of each filter's fine cumulative table.
     """
 
-    def __init__(self, bands: list[str] | tuple[str, ...], n_fine: int = 4000):
+    def __init__(self, bands: list[str] | tuple[str, ...], n_fine: int = 20000):
         super().__init__()
         if len(bands) == 0:
             raise ValueError("Photometry needs at least one band")
@@ -92,7 +92,7 @@ class Photometry(torch.nn.Module):
             w, r = load_curve(b)
             curves.append((w, r))
             lo, hi = min(lo, w[0]), max(hi, w[-1])
-        fine = np.linspace(lo, hi, n_fine)
+        fine = np.geomspace(lo, hi, n_fine)
         cums, norms = [], []
         for w, r in curves:
             s = np.interp(fine, w, r, left=0.0, right=0.0)
@@ -149,3 +149,66 @@ class Photometry(torch.nn.Module):
         s_lam = slope[:, j] * inside  # (K, ..., J)
         s_lam = torch.movedim(s_lam, 0, -2)  # (..., K, J)
         return (1e9 * torch.einsum("...j,...kj->...k", line_flux.double(), s_lam) / self.norm).to(line_flux.dtype)
+
+
+class LogGridPhotometry(torch.nn.Module):
+    """Band fluxes of rest-frame spectra on a log-uniform grid, at any redshift, fast.
+
+    On a grid uniform in ln(lambda), redshifting shifts the filters by
+    ln(1+z) / dlnlam pixels. The per-pixel filter weights are tabulated once for
+    shifts on a lattice ``oversample`` times finer than a pixel and
+    interpolated linearly in between, so a batch costs two gathers instead of a
+    search per pixel; the result is smooth in z and agrees with
+    :class:`Photometry` to better than 1e-4 (see tests).
+
+    Arguments:
+        photometry: The filters.
+        edges: Rest-frame pixel edges, (N+1,), Angstrom (vacuum), uniform in ln(lambda).
+        z_range: Redshifts to support.
+        oversample: Lattice points per pixel.
+    """
+
+    def __init__(self, photometry: Photometry, edges: Tensor, z_range: tuple[float, float], oversample: int = 4):
+        super().__init__()
+        e = edges.double()
+        dln = torch.diff(torch.log(e))
+        if (dln.max() - dln.min()).abs() > 1e-6 * dln.mean():
+            raise ValueError("LogGridPhotometry needs pixel edges uniform in ln(lambda)")
+        self.delta = float(dln.mean())
+        self.h = self.delta / oversample
+        self.oversample = oversample
+        self.n_pix = len(e) - 1
+        s_lo, s_hi = np.log1p(z_range[0]), np.log1p(z_range[1])
+        self.m0 = int(np.floor(s_lo / self.h))
+        n_shift = int(np.ceil(s_hi / self.h)) - self.m0 + 2
+        j = np.arange(self.n_pix * oversample + n_shift + oversample + 1)
+        lam = float(e[0]) * np.exp((j + self.m0) * self.h)
+        cum = photometry.cum.numpy()
+        g = np.stack([np.interp(lam, photometry.fine.numpy(), c, left=0.0, right=c[-1]) for c in cum])
+        d = (g[:, oversample:] - g[:, :-oversample]) / photometry.norm.numpy()[:, None]  # (K, J)
+        self.register_buffer("table", torch.from_numpy(d).float())
+        self.register_buffer("pixel_index", torch.arange(self.n_pix) * oversample)
+        self.z_range = z_range
+        self.photometry = photometry
+        if float(e[0]) * (1 + z_range[0]) > photometry.wave_min or float(e[-1]) * (1 + z_range[1]) < photometry.wave_max:
+            raise ValueError("the rest-frame grid does not cover the filters over z_range")
+
+    def forward(self, flam: Tensor, z: Tensor) -> Tensor:
+        """Band fluxes.
+
+        Arguments:
+            flam: Observed-frame f_lambda on the redshifted rest-frame pixels, (..., N), erg/s/cm^2/A.
+            z: Redshift, (...,).
+
+        Returns:
+            (..., K) nanomaggies.
+        """
+        q = torch.log1p(torch.as_tensor(z, dtype=torch.float64)) / self.h - self.m0
+        m = torch.floor(q.detach()).long()
+        f = (q - m).to(flam.dtype)[..., None, None]
+        idx = self.pixel_index + m[..., None]  # (..., N)
+        t = self.table.to(flam.dtype)
+        w0 = torch.movedim(t[:, idx], 0, -2)  # (..., K, N)
+        w1 = torch.movedim(t[:, idx + 1], 0, -2)
+        w = w0 + f * (w1 - w0)
+        return 1e9 * torch.einsum("...n,...kn->...k", flam, w)

@@ -84,6 +84,18 @@ class SSPGrid:
         """log10(Z/Zsun) of the grid points, shape (Z,)."""
         return np.log10(self.metallicities)
 
+    def to_vacuum(self) -> "SSPGrid":
+        """The same grid with vacuum wavelengths (IAU: below 2000 A they already are)."""
+        if not self.air:
+            return self
+        import torch
+
+        from ..instrument import air_to_vacuum
+
+        wave = air_to_vacuum(torch.from_numpy(self.wave)).numpy()
+        return SSPGrid(wave, self.ages, self.metallicities, self.flux, self.surviving_fraction,
+                       self.zsun, False, self.fwhm, self.name, self.living_fraction)
+
     def restrict(self, wmin: float, wmax: float) -> "SSPGrid":
         """The same grid cut to ``wmin <= wave <= wmax`` (Angstrom, grid's own air/vacuum)."""
         if not wmin < wmax:

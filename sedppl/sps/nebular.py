@@ -86,12 +86,22 @@ class NebularEmission(torch.nn.Module):
         line_range: Keep the lines with rest wavelengths in this range (Angstrom).
         dlnlam: Log-wavelength step of the internal continuum grid (the
             continuum is smooth; it is interpolated linearly onto ``wave``).
+        vacuum: Take ``wave`` as vacuum wavelengths and return the lines at
+            vacuum wavelengths (the grids are converted with
+            :func:`sedppl.instrument.air_to_vacuum`).
     """
 
     def __init__(self, wave: np.ndarray, t_bc: float = 0.01,
-                 line_range: tuple[float, float] = (900.0, 1e6), dlnlam: float = 2e-3):
+                 line_range: tuple[float, float] = (900.0, 1e6), dlnlam: float = 2e-3,
+                 vacuum: bool = False):
         super().__init__()
         d = load_cloudy_grids()
+        if vacuum:
+            from ..instrument import air_to_vacuum
+
+            d = dict(d, cont_wave=air_to_vacuum(torch.from_numpy(d["cont_wave"])).numpy(),
+                     line_wave=air_to_vacuum(torch.from_numpy(d["line_wave"])).numpy())
+        self.vacuum = vacuum
         logt = np.log10(d["ages"])
         edges = 10 ** np.concatenate([[-np.inf], 0.5 * (logt[1:] + logt[:-1]), [logt[-1] + 0.05]])
         edges[0] = 0.0
@@ -148,7 +158,7 @@ class NebularEmission(torch.nn.Module):
 
         Returns:
             (lines, continuum): line luminosities (..., J) in Lsun at rest
-            air wavelengths ``self.line_wave``, and the continuum (..., L) in
+            wavelengths ``self.line_wave`` (air, or vacuum if ``vacuum``), and the continuum (..., L) in
             Lsun/A on the constructor's ``wave``; neither attenuated.
         """
         dtype = self.cont.dtype
