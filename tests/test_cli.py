@@ -1,0 +1,35 @@
+"""The command line, through its entry point."""
+
+import subprocess
+import sys
+
+import numpy as np
+from astropy.table import Table
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "sedppl.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_demo_writes_physical_outputs(tmp_path):
+    r = run("demo", "--out", str(tmp_path), "--z", "0.1")
+    assert r.returncode == 0, r.stderr
+    spec = Table.read(tmp_path / "demo_spectrum.ecsv")
+    phot = Table.read(tmp_path / "demo_photometry.ecsv")
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert np.all(np.isfinite(spec["model"])) and np.all(spec["model"] > 0)
+    mag = dict(zip(phot["band"], phot["mag_ab"]))
+    # an evolved, dusty galaxy at z = 0.1: red optical colours (g-r in 0.5-1.1, r-z in 0.2-0.9)
+    assert 0.5 < mag["decam_g"] - mag["decam_r"] < 1.1
+    assert 0.2 < mag["decam_r"] - mag["decam_z"] < 0.9
+
+
+def test_bad_redshift_exit_code(tmp_path):
+    r = run("demo", "--out", str(tmp_path), "--z", "3")
+    assert r.returncode == 2
+    assert "outside the model's range" in r.stderr
+
+
+def test_info():
+    r = run("info")
+    assert r.returncode == 0 and "BC03+MILES" in r.stdout and "sdss2010-r" in r.stdout
