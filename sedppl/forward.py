@@ -67,7 +67,7 @@ class _Branch(torch.nn.Module):
     """
 
     def __init__(self, grid: SSPGrid, wmin: float, wmax: float, dlnlam: float,
-                 t_bc: float, nebular: bool, fesc: float):
+                 t_bc: float, nebular: bool, fesc: float, rank: int | None = None):
         super().__init__()
         centers_vac = log_wave_grid(wmin, wmax, dlnlam)
         self.dlnlam = float(dlnlam)
@@ -78,7 +78,7 @@ class _Branch(torch.nn.Module):
             raise ValueError(f"the model needs rest-frame {float(edges_vac[0]):.0f}-{float(edges_vac[-1]):.0f} A "
                              f"(vacuum); the SSP grid has {vac.wave[0]:.0f}-{vac.wave[-1]:.0f} A")
         local = rebin_grid(vac.restrict(float(edges_vac[0]) * 0.99, float(edges_vac[-1]) * 1.01), centers_vac)
-        self.stars = StellarSynthesis(local, t_bc=t_bc)
+        self.stars = StellarSynthesis(local, t_bc=t_bc, rank=rank)
         self.nebular = NebularEmission(local.wave, t_bc=t_bc, vacuum=True) if nebular else None
         wave = torch.from_numpy(local.wave)
         self.register_buffer("wave", wave.float())
@@ -136,6 +136,8 @@ class ForwardModel(torch.nn.Module):
         spec_dlnlam: ln(lambda) step of the rest-frame grid for spectra (1.5e-4: 45 km/s,
             at least 2 pixels per FWHM of the MILES templates).
         phot_dlnlam: ln(lambda) step of the coarse rest-frame grid for photometry.
+        ssp_rank: Low-rank SSP factorisation for speed (see
+            :class:`sedppl.sps.synthesis.StellarSynthesis`); None for the exact sum.
     """
 
     def __init__(self, grid: SSPGrid | None = None, wave_obs: np.ndarray | None = None,
@@ -143,7 +145,7 @@ class ForwardModel(torch.nn.Module):
                  resolving_power: float | np.ndarray | None = None, fwhm: float | np.ndarray | None = None,
                  nebular: bool = True, t_bc: float = 0.01, fesc: float = 0.0,
                  cosmology: Cosmology | None = None, spec_dlnlam: float = 1.5e-4,
-                 phot_dlnlam: float = 1e-3):
+                 phot_dlnlam: float = 1e-3, ssp_rank: int | None = None):
         super().__init__()
         grid = load_bc03_miles() if grid is None else grid
         if not 0 <= z_range[0] < z_range[1]:
@@ -161,7 +163,7 @@ class ForwardModel(torch.nn.Module):
             self.register_buffer("edges_obs", edges_from_centers(w).double())
             lo = float(self.edges_obs[0]) / (1 + z_range[1]) / 1.002
             hi = float(self.edges_obs[-1]) / (1 + z_range[0]) * 1.002
-            self.spec = _Branch(grid, lo, hi, spec_dlnlam, t_bc, nebular, fesc)
+            self.spec = _Branch(grid, lo, hi, spec_dlnlam, t_bc, nebular, fesc, ssp_rank)
             self.register_buffer("log_edges_obs", torch.log(self.edges_obs))
             if resolving_power is not None or fwhm is not None:
                 sig = sigma_from_resolution(w, resolving_power, None if fwhm is None else torch.as_tensor(fwhm, dtype=w.dtype))
@@ -173,7 +175,7 @@ class ForwardModel(torch.nn.Module):
             self.photometry = Photometry(bands)
             lo = self.photometry.wave_min / (1 + z_range[1]) / 1.01
             hi = self.photometry.wave_max / (1 + z_range[0]) * 1.01
-            self.phot = _Branch(grid, lo, hi, phot_dlnlam, t_bc, nebular, fesc)
+            self.phot = _Branch(grid, lo, hi, phot_dlnlam, t_bc, nebular, fesc, ssp_rank)
             self.log_photometry = LogGridPhotometry(self.photometry, self.phot.edges_vac, self.z_range)
         self.nebular = nebular
 

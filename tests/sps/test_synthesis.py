@@ -187,3 +187,21 @@ def test_errors(synth, case, message):
         edges = one([0, 0.1, 1.0])
     with pytest.raises(ValueError, match=message):
         synth.double()(m, edges, logz, **kwargs)
+
+
+def test_low_rank_synthesis_accuracy(grid):
+    """Rank-256 factorisation of the SSP matrix: composite spectra within 2e-3 of exact (max over
+    pixels and 200 random histories with 0.005-2 Zsun), median within 1e-5."""
+    g = grid.restrict(3000, 9000)
+    exact = StellarSynthesis(g).double()
+    fast = StellarSynthesis(g, rank=256).double()
+    gen = torch.Generator().manual_seed(21)
+    b = 200
+    t_univ = 6 + 7 * torch.rand(b, 1, generator=gen, dtype=torch.float64)
+    edges = torch.tensor([0, 0.03, 0.1, 0.33, 1.08, 3.55, 11.6, 13.7], dtype=torch.float64) / 13.7 * t_univ
+    mass = 10 ** (3 * torch.rand(b, 7, generator=gen, dtype=torch.float64)) * torch.diff(edges, dim=-1)
+    logz = torch.rand(b, 7, generator=gen, dtype=torch.float64) * 2.6 - 2.3
+    a, f = exact(mass, edges, logz), fast(mass, edges, logz)
+    rel = (f.total / a.total - 1).abs()
+    assert rel.max() < 2e-3 and rel.median() < 1e-5
+    torch.testing.assert_close(f.surviving_mass, a.surviving_mass)
