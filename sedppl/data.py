@@ -1,0 +1,102 @@
+"""The Observation container: what a model conditions on, validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def _tensor(x, dtype=torch.float32) -> Tensor | None:
+    return None if x is None else torch.as_tensor(np.asarray(x), dtype=dtype)
+
+
+@dataclass
+class Observation:
+    """One galaxy, or a batch sharing a wavelength grid and bands.
+
+    Arguments:
+        redshift: Spectroscopic redshift, () or (B,); None to let a model sample it.
+        wave: Observed wavelengths, (M,), vacuum Angstrom, strictly increasing.
+        flux: Spectrum, (M,) or (B, M), 1e-17 erg/s/cm^2/A.
+        ivar: Its inverse variance, same shape, (1e-17 erg/s/cm^2/A)^-2; 0 = no data.
+        mask: Optional boolean, same shape; False drops a pixel.
+        resolution: Optional DESI-layout resolution data, (M,)-wide: (2H+1, M) or (B, 2H+1, M).
+        bands: Filter names of the photometry.
+        band_flux: (K,) or (B, K) nanomaggies; band_ivar: same shape, nmgy^-2 (0 = missing band).
+        name: Label(s) for outputs.
+    """
+
+    redshift: Tensor | float | None = None
+    wave: Tensor | None = None
+    flux: Tensor | None = None
+    ivar: Tensor | None = None
+    mask: Tensor | None = None
+    resolution: Tensor | None = None
+    bands: list[str] = field(default_factory=list)
+    band_flux: Tensor | None = None
+    band_ivar: Tensor | None = None
+    name: str | list[str] = "galaxy"
+
+    def __post_init__(self) -> None:
+        self.redshift = _tensor(self.redshift)
+        self.wave = _tensor(self.wave, torch.float64)
+        self.flux, self.ivar = _tensor(self.flux), _tensor(self.ivar)
+        self.mask = None if self.mask is None else torch.as_tensor(np.asarray(self.mask), dtype=torch.bool)
+        self.resolution = _tensor(self.resolution)
+        self.band_flux, self.band_ivar = _tensor(self.band_flux), _tensor(self.band_ivar)
+        self.bands = list(self.bands)
+        self.validate()
+
+    @property
+    def has_spectrum(self) -> bool:
+        return self.flux is not None
+
+    @property
+    def has_photometry(self) -> bool:
+        return self.band_flux is not None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the problem if the data cannot be fitted."""
+        if not self.has_spectrum and not self.has_photometry:
+            raise ValueError("the observation has neither a spectrum nor photometry")
+        if self.redshift is not None:
+            if torch.any(~torch.isfinite(self.redshift)) or torch.any(self.redshift < 0):
+                raise ValueError(f"redshift must be finite and >= 0, got {self.redshift}")
+        if self.has_spectrum:
+            if self.wave is None or self.ivar is None:
+                raise ValueError("a spectrum needs wave and ivar")
+            if self.wave.ndim != 1 or self.flux.shape[-1] != self.wave.shape[0] or self.ivar.shape != self.flux.shape:
+                raise ValueError(f"mismatched shapes: wave {tuple(self.wave.shape)}, flux {tuple(self.flux.shape)}, "
+                                 f"ivar {tuple(self.ivar.shape)}")
+            if torch.any(~torch.isfinite(self.wave)) or torch.any(torch.diff(self.wave) <= 0):
+                raise ValueError("wavelengths must be finite and strictly increasing")
+            if torch.any(self.ivar < 0) or torch.any(torch.isnan(self.ivar)):
+                raise ValueError("inverse variance must be >= 0 (negative or NaN ivar found)")
+            used = self.ivar > 0
+            if self.mask is not None:
+                if self.mask.shape != self.flux.shape:
+                    raise ValueError("mask must have the shape of flux")
+                used = used & self.mask
+            if torch.any(~torch.isfinite(self.flux) & used):
+                raise ValueError("NaN or infinite flux in pixels with ivar > 0 (mask them or set ivar = 0)")
+            if torch.any(used.sum(-1) == 0):
+                raise ValueError("every pixel of a spectrum is masked (ivar = 0 or mask False)")
+        if self.has_photometry:
+            if self.band_ivar is None or self.band_ivar.shape != self.band_flux.shape:
+                raise ValueError("band_flux needs band_ivar of the same shape")
+            if self.band_flux.shape[-1] != len(self.bands):
+                raise ValueError(f"{self.band_flux.shape[-1]} band fluxes for {len(self.bands)} bands")
+            if torch.any(self.band_ivar < 0) or torch.any(torch.isnan(self.band_ivar)):
+                raise ValueError("band inverse variance must be >= 0")
+            if torch.any(~torch.isfinite(self.band_flux) & (self.band_ivar > 0)):
+                raise ValueError("NaN or infinite band flux with band_ivar > 0")
+
+    def check_bands(self, model_bands: list[str]) -> None:
+        """Raise ``ValueError`` if the observation's bands differ from a model's."""
+        if self.has_photometry and list(self.bands) != list(model_bands):
+            missing = [b for b in self.bands if b not in model_bands]
+            raise ValueError(f"the model has bands {model_bands}; the observation has {self.bands}"
+                             + (f" (the model lacks {missing})" if missing else ""))
