@@ -63,12 +63,29 @@ def dust_priors() -> tuple[Tensor, Tensor, Tensor]:
 class _ZooModel:
     forward_model: ForwardModel
     bands: list[str]
+    photometry_floor: float
 
     def _plate_size(self, obs: Observation | None, n_galaxies: int) -> int:
         if obs is None:
             return n_galaxies
         flux = obs.flux if obs.has_spectrum else obs.band_flux
         return flux.shape[0] if flux.ndim == 2 else 1
+
+    def _stellar_latents(self, obs, redshift, n):
+        """Redshift, continuity SFH, smooth ZH and dust: the sites both zoo models share."""
+        z = self._redshift(obs, redshift, n)
+        mass, edges = continuity_sfh(self.forward_model.cosmology.age(z))
+        logz = smooth_zh(edges)
+        av, av_bc, index = dust_priors()
+        return z, mass, edges, logz, av, av_bc, index
+
+    def _observe_photometry(self, out, obs, band_ivar):
+        """Photometry likelihood; simulations without an ivar get 5% errors."""
+        bivar = obs.band_ivar if obs is not None else band_ivar
+        if bivar is None:
+            bivar = 1 / (0.05 * out.photometry.detach()) ** 2
+        observe_photometry("photometry", out.photometry, None if obs is None else obs.band_flux, bivar,
+                           floor=self.photometry_floor)
 
     def _redshift(self, obs: Observation | None, redshift: Tensor | float | None, n: int) -> Tensor:
         z = obs.redshift if obs is not None and obs.redshift is not None else redshift
@@ -108,10 +125,7 @@ class SpecPhotModel(_ZooModel):
             obs.check_bands(self.bands)
         n = self._plate_size(obs, n_galaxies)
         with pyro.plate("galaxies", n):
-            z = self._redshift(obs, redshift, n)
-            mass, edges = continuity_sfh(fm.cosmology.age(z))
-            logz = smooth_zh(edges)
-            av, av_bc, index = dust_priors()
+            z, mass, edges, logz, av, av_bc, index = self._stellar_latents(obs, redshift, n)
             log_u = pyro.sample("log_u", dist.Uniform(-4.0, -1.0))
             sigma_v = pyro.sample("sigma_v", dist.Uniform(30.0, 400.0))
             out = fm(mass, edges, logz, z, av=av, dust_index=index, av_bc=av_bc, log_u=log_u,
@@ -122,11 +136,7 @@ class SpecPhotModel(_ZooModel):
                 ivar = torch.full_like(out.spectrum, 1.0)
             observe_spectrum("spectrum", out.spectrum, None if obs is None else obs.flux, ivar,
                              None if obs is None else obs.mask)
-            bivar = obs.band_ivar if obs is not None else band_ivar
-            if bivar is None:
-                bivar = 1 / (0.05 * out.photometry.detach()) ** 2
-            observe_photometry("photometry", out.photometry, None if obs is None else obs.band_flux, bivar,
-                               floor=self.photometry_floor)
+            self._observe_photometry(out, obs, band_ivar)
         return out
 
 
@@ -153,15 +163,8 @@ class PhotometryModel(_ZooModel):
             obs.check_bands(self.bands)
         n = self._plate_size(obs, n_galaxies)
         with pyro.plate("galaxies", n):
-            z = self._redshift(obs, redshift, n)
-            mass, edges = continuity_sfh(fm.cosmology.age(z))
-            logz = smooth_zh(edges)
-            av, av_bc, index = dust_priors()
+            z, mass, edges, logz, av, av_bc, index = self._stellar_latents(obs, redshift, n)
             out = fm(mass, edges, logz, z, av=av, dust_index=index, av_bc=av_bc, check=False)
             record_derived(out, mass, edges, logz)
-            bivar = obs.band_ivar if obs is not None else band_ivar
-            if bivar is None:
-                bivar = 1 / (0.05 * out.photometry.detach()) ** 2
-            observe_photometry("photometry", out.photometry, None if obs is None else obs.band_flux, bivar,
-                               floor=self.photometry_floor)
+            self._observe_photometry(out, obs, band_ivar)
         return out
