@@ -124,7 +124,10 @@ class ForwardModel(torch.nn.Module):
     Arguments:
         grid: SSP grid; the BC03+MILES grid by default.
         wave_obs: Observed pixel centres, (M,), vacuum Angstrom (e.g. DESI's
-            3600-9824 A at 0.8 A); None for photometry only.
+            3600-9824 A at 0.8 A), or a list of such arrays, one per spectrograph
+            arm (e.g. DESI's overlapping B, R, Z arms), each increasing; the model
+            spectrum is then the arms' spectra concatenated (``arm_slices``
+            locates each). None for photometry only.
         bands: Filter names (see :class:`sedppl.photometry.Photometry`); empty for no photometry.
         z_range: Redshifts the model must cover; outside it raises an error.
         resolving_power, fwhm: Instrumental resolution as R or FWHM (Angstrom,
@@ -157,14 +160,23 @@ class ForwardModel(torch.nn.Module):
         self.grid = grid
         self.spec = None
         if wave_obs is not None:
-            w = torch.as_tensor(np.asarray(wave_obs, float))
-            check_wavelengths(w, "observed wavelengths")
+            arms = list(wave_obs) if isinstance(wave_obs, (list, tuple)) else [wave_obs]
+            arms = [torch.as_tensor(np.asarray(a, float)) for a in arms]
+            self.arm_slices, start = [], 0
+            for i, a in enumerate(arms):
+                check_wavelengths(a, "observed wavelengths" + (f" (arm {i})" if len(arms) > 1 else ""))
+                self.arm_slices.append(slice(start, start + len(a)))
+                start += len(a)
+            w = torch.cat(arms)
             self.register_buffer("wave_obs", w.float())
-            self.register_buffer("edges_obs", edges_from_centers(w).double())
-            lo = float(self.edges_obs[0]) / (1 + z_range[1]) / 1.002
-            hi = float(self.edges_obs[-1]) / (1 + z_range[0]) * 1.002
+            arm_edges = [edges_from_centers(a).double() for a in arms]
+            #: pixel edges: (M+1,) for one arm; for several, each arm's edges concatenated
+            self.register_buffer("edges_obs", torch.cat(arm_edges))
+            for i, e in enumerate(arm_edges):
+                self.register_buffer(f"log_edges_arm{i}", torch.log(e))
+            lo = min(float(e[0]) for e in arm_edges) / (1 + z_range[1]) / 1.002
+            hi = max(float(e[-1]) for e in arm_edges) / (1 + z_range[0]) * 1.002
             self.spec = _Branch(grid, lo, hi, spec_dlnlam, t_bc, nebular, fesc, ssp_rank)
-            self.register_buffer("log_edges_obs", torch.log(self.edges_obs))
             if resolving_power is not None or fwhm is not None:
                 sig = sigma_from_resolution(w, resolving_power, None if fwhm is None else torch.as_tensor(fwhm, dtype=w.dtype))
                 self.register_buffer("instrument_sigma", sig.float())
@@ -217,7 +229,8 @@ class ForwardModel(torch.nn.Module):
             logz_gas: Gas log10(Z/Zsun), (...,); by default that of the youngest bin.
             sigma_v: Line-of-sight velocity dispersion, (...,), km/s, or None.
             resolution_matrix: Per-galaxy DESI-layout resolution data, (..., 2H+1, M),
-                applied instead of the constructor's R/FWHM.
+                applied instead of the constructor's R/FWHM; a list of them, one per arm,
+                for several arms.
             calibration_scale: Aperture factor multiplying the spectrum, (...,).
             calibration_poly: Legendre coefficients of a multiplicative polynomial, (..., K).
 
@@ -254,7 +267,9 @@ class ForwardModel(torch.nn.Module):
             if branch is self.spec:
                 lines_out = lines
                 # integral of L over each observed pixel, per observed Angstrom
-                flux = resample_log(sed, branch.log_start, branch.dlnlam, self.log_edges_obs, torch.log1p(z))
+                flux = torch.cat([resample_log(sed, branch.log_start, branch.dlnlam,
+                                               getattr(self, f"log_edges_arm{i}"), torch.log1p(z))
+                                  for i in range(len(self.arm_slices))], dim=-1)
                 flux = flux * (scale / FLUX_UNIT)[..., None]
                 flux = self._instrument(flux, z, sigma_v, resolution_matrix)
                 if calibration_scale is not None or calibration_poly is not None:
@@ -283,8 +298,18 @@ class ForwardModel(torch.nn.Module):
             var = var + velocity_sigma(wave, torch.as_tensor(sigma_v, dtype=flux.dtype)) ** 2
         if resolution_matrix is None and self.instrument_sigma is not None:
             var = var + self.instrument_sigma.to(flux.dtype) ** 2
-        if torch.any(var > 0):
-            flux = apply_band(flux, lsf_band(wave, torch.sqrt(var + 1e-30), tmpl))
-        if resolution_matrix is not None:
-            flux = apply_band(flux, desi_band(torch.as_tensor(resolution_matrix, dtype=flux.dtype)))
-        return flux
+        if resolution_matrix is None:
+            matrices = [None] * len(self.arm_slices)
+        else:
+            matrices = resolution_matrix if isinstance(resolution_matrix, (list, tuple)) else [resolution_matrix]
+        if len(matrices) != len(self.arm_slices):
+            raise ValueError(f"{len(matrices)} resolution matrices for {len(self.arm_slices)} arms")
+        out = []
+        for sl, mat in zip(self.arm_slices, matrices):
+            f = flux[..., sl]
+            if torch.any(var[..., sl] > 0):
+                f = apply_band(f, lsf_band(wave[sl], torch.sqrt(var[..., sl] + 1e-30), tmpl[..., sl]))
+            if mat is not None:
+                f = apply_band(f, desi_band(torch.as_tensor(mat, dtype=flux.dtype)))
+            out.append(f)
+        return torch.cat(out, dim=-1)

@@ -194,7 +194,7 @@ def legendre_calibration(wave: Tensor, coeffs: Tensor, scale: Tensor | float = 1
     Returns:
         (..., M) dimensionless factor to multiply the model by.
     """
-    x = 2 * (wave - wave[0]) / (wave[-1] - wave[0]) - 1
+    x = 2 * (wave - wave.min()) / (wave.max() - wave.min()) - 1
     coeffs = torch.as_tensor(coeffs, dtype=wave.dtype)
     p_prev, p = torch.ones_like(x), x
     total = torch.zeros(coeffs.shape[:-1] + x.shape, dtype=wave.dtype)
