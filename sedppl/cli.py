@@ -31,7 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[sedppl] building the forward model (BC03+MILES, Cloudy nebular, DESI grid) ...", flush=True)
+    print("[sedppl] building the forward model (BC03+MILES, Cloudy nebular, DESI grid) ...", flush=True)
     fm = ForwardModel(wave_obs=DESI_WAVE, bands=DESI_BANDS, z_range=(0.01, 0.6), resolving_power=3000.0)
     z = torch.tensor(args.z)
     t_univ = fm.cosmology.age(z).item()

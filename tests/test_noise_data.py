@@ -1,7 +1,6 @@
 """Likelihoods and the Observation container."""
 
 import numpy as np
-import pyro
 import pytest
 import torch
 from pyro import poutine

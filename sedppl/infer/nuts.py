@@ -90,7 +90,6 @@ def run_nuts(model: Callable, *args, num_samples: int = 500, warmup_steps: int =
     Returns:
         ``arviz.InferenceData``.
     """
-    import arviz as az
 
     pyro.set_rng_seed(seed)
     if init is None:
