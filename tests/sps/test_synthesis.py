@@ -141,7 +141,7 @@ def test_bell2003_mass_to_light(grid):
     """M*/L_r against g-r follows Bell et al. (2003, ApJS 149, 289, Table 7):
     log10(M/L_r) = -0.306 + 1.097 (g-r) for a 'diet Salpeter' IMF, minus 0.15 dex for
     Kroupa (their Sect. 2.4), built on PEGASE models. Bell et al. quote 0.1-0.2 dex
-    systematic uncertainty between models and IMFs; BC03 here lies 0.05-0.2 dex above
+    systematic uncertainty between models and IMFs; these BC03 histories lie 0.09 dex below to 0.20 dex above
     the relation, so we allow 0.25 dex (a normalisation error, e.g. mass formed instead of
     surviving, is 0.2-0.3 dex) for exponentially declining histories
     aged 3-12 Gyr at solar metallicity."""
