@@ -127,3 +127,92 @@ def mass_weighted_age(mass: Tensor, edges: Tensor) -> Tensor:
     """Mass-weighted lookback age of the stars formed, (...,) Gyr (bin mid-points)."""
     mid = 0.5 * (edges[..., 1:] + edges[..., :-1])
     return (mass * mid).sum(-1) / mass.sum(-1)
+
+
+def fine_edges(t_univ: Tensor, n_bins: int = 40, first: float = 0.01) -> Tensor:
+    """Bin edges 0, then log-spaced from ``first`` Gyr to t_univ: (..., n_bins + 1) Gyr lookback."""
+    t_univ = torch.as_tensor(t_univ)
+    u = torch.linspace(0, 1, n_bins, dtype=t_univ.dtype)
+    lo = torch.log(torch.tensor(first, dtype=t_univ.dtype))
+    logs = torch.exp(lo + (torch.log(t_univ)[..., None] - lo) * u)
+    return torch.cat([torch.zeros_like(t_univ)[..., None], logs], dim=-1)
+
+
+class BasisSFH(torch.nn.Module):
+    """A user-supplied basis of star-formation histories s_i(t) (e.g. PROVABGS's NMF basis).
+
+    Arguments:
+        t: Lookback times of the table, (T,) Gyr, increasing (reverse a table stored oldest first).
+        basis: SFR shapes, (K, T), non-negative, linear in t between samples and
+            constant from t = 0 to t[0]; each is normalised to unit mass formed
+            between 0 and t_univ of the galaxy.
+
+    References:
+        Hahn et al. 2023, AJ 165, 253 (PROVABGS: NMF basis from Illustris plus a burst).
+    """
+
+    def __init__(self, t, basis):
+        super().__init__()
+        from .sps.synthesis import AgeIntegrator
+
+        t = torch.as_tensor(t, dtype=torch.float64)
+        basis = torch.as_tensor(basis, dtype=torch.float64)
+        if t.ndim != 1 or basis.ndim != 2 or basis.shape[1] != t.numel():
+            raise ValueError(f"basis must be (K, T) on t (T,); got {tuple(basis.shape)} and {tuple(t.shape)}")
+        if torch.any(torch.diff(t) <= 0) or t[0] <= 0:
+            raise ValueError("basis times must be positive and increasing (lookback Gyr, youngest first)")
+        if torch.any(basis < 0) or torch.any(~torch.isfinite(basis)):
+            raise ValueError("basis histories must be finite and non-negative")
+        self.integrator = AgeIntegrator(torch.cat([torch.zeros(1, dtype=torch.float64), t]))
+        self.register_buffer("basis", torch.cat([basis[:, :1], basis], dim=1))  # constant to t = 0
+        self.t_max = float(t[-1])
+
+    @property
+    def n_basis(self) -> int:
+        return self.basis.shape[0]
+
+    def mass_fractions(self, edges: Tensor) -> Tensor:
+        """Fraction of each basis history's mass (formed before edges[-1]) per bin, (..., K, N)."""
+        e = edges.double().clamp(max=self.t_max)
+        w = self.integrator(e[..., :-1], e[..., 1:])  # (..., N, T+1)
+        m = torch.einsum("...nt,kt->...kn", w, self.basis)
+        return (m / m.sum(-1, keepdim=True).clamp(min=1e-300)).to(edges.dtype)
+
+
+def place_burst(mass: Tensor, t_burst: Tensor, edges: Tensor) -> Tensor:
+    """Mass per bin of a burst at lookback ``t_burst``, shared between the two bins whose
+    log-centres bracket it (linear in log t, so differentiable in t_burst), (..., N)."""
+    centre = torch.log(0.5 * (edges[..., 1:] + edges[..., :-1]))
+    x = torch.log(torch.as_tensor(t_burst, dtype=edges.dtype))[..., None].clamp(centre[..., :1], centre[..., -1:])
+    j = (torch.searchsorted(centre.detach().contiguous(), x.detach().contiguous(), right=True) - 1)
+    j = j.clamp(0, centre.shape[-1] - 2)
+    c0, c1 = torch.gather(centre, -1, j), torch.gather(centre, -1, j + 1)
+    u = (x - c0) / (c1 - c0)
+    out = torch.zeros_like(centre).scatter_add(-1, j, (1 - u)).scatter_add(-1, j + 1, u)
+    return torch.as_tensor(mass, dtype=edges.dtype)[..., None] * out
+
+
+def basis_burst_sfh(basis: BasisSFH, t_univ: Tensor, n_bins: int = 40,
+                    log_mass_range: tuple[float, float] = LOG_MASS_RANGE,
+                    t_burst_min: float = 0.01) -> tuple[Tensor, Tensor]:
+    """PROVABGS-style SFH: (1 - f_burst) sum_i beta_i s_i(t) + f_burst delta(t - t_burst).
+
+    Sample sites: ``log_mass`` (log10 Msun formed), ``basis_weight`` ~ Dirichlet(1)
+    (a flat simplex), ``f_burst`` ~ U(0, 1), ``t_burst`` ~ U(t_burst_min, t_univ) Gyr
+    lookback. The history is returned on ``n_bins`` fine bins (:func:`fine_edges`);
+    the burst is shared between the two nearest bins.
+
+    Returns:
+        (mass per bin (..., n_bins) Msun, edges (..., n_bins + 1) Gyr).
+    """
+    lo, hi = log_mass_range
+    t_univ = torch.as_tensor(t_univ)
+    log_mass = pyro.sample("log_mass", dist.Uniform(lo, hi))
+    beta = pyro.sample("basis_weight", dist.Dirichlet(torch.ones(basis.n_basis)))
+    f_burst = pyro.sample("f_burst", dist.Uniform(0.0, 1.0))
+    t_burst = pyro.sample("t_burst", dist.Uniform(torch.full_like(t_univ, t_burst_min), t_univ))
+    edges = fine_edges(t_univ, n_bins)
+    smooth = torch.einsum("...k,...kn->...n", beta.to(edges.dtype), basis.mass_fractions(edges))
+    total = torch.pow(10.0, log_mass)
+    mass = (total * (1 - f_burst))[..., None] * smooth + place_burst(total * f_burst, t_burst, edges)
+    return mass, edges
