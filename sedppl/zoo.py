@@ -107,11 +107,20 @@ class SpecPhotModel(_ZooModel):
         resolving_power: Instrumental R when no per-galaxy resolution matrix is given.
         ssp_rank: Low-rank SSPs (faster); None for exact.
         photometry_floor: Fractional systematic error added to the photometry.
+        fiber_fraction: (mean, sd) of the fraction of the total light in the
+            spectrum's aperture (PROVABGS's f_fiber, from the measured fiber/total
+            flux ratio): site ``f_fiber`` ~ LogNormal with that mean and sd
+            multiplies the spectrum (not the photometry). None: no aperture factor.
+        n_calibration: Number of Legendre coefficients (sites ``calibration_poly``
+            ~ Normal(0, 0.1)) of a multiplicative spectral calibration; 0 for none.
     """
 
     def __init__(self, wave: np.ndarray = DESI_WAVE, bands: list[str] = DESI_BANDS,
                  z_range: tuple[float, float] = (0.01, 0.6), resolving_power: float | None = 3000.0,
-                 ssp_rank: int | None = None, photometry_floor: float = 0.02):
+                 ssp_rank: int | None = None, photometry_floor: float = 0.02,
+                 fiber_fraction: tuple[float, float] | None = None, n_calibration: int = 0):
+        self.fiber_fraction = fiber_fraction
+        self.n_calibration = int(n_calibration)
         self.bands = list(bands)
         self.forward_model = ForwardModel(wave_obs=wave, bands=self.bands, z_range=z_range,
                                           resolving_power=resolving_power, ssp_rank=ssp_rank)
@@ -128,8 +137,16 @@ class SpecPhotModel(_ZooModel):
             z, mass, edges, logz, av, av_bc, index = self._stellar_latents(obs, redshift, n)
             log_u = pyro.sample("log_u", dist.Uniform(-4.0, -1.0))
             sigma_v = pyro.sample("sigma_v", dist.Uniform(30.0, 400.0))
+            scale = poly = None
+            if self.fiber_fraction is not None:
+                mean, sd = self.fiber_fraction
+                s2 = np.log1p((sd / mean) ** 2)
+                scale = pyro.sample("f_fiber", dist.LogNormal(np.log(mean) - 0.5 * s2, np.sqrt(s2)))
+            if self.n_calibration:
+                poly = pyro.sample("calibration_poly", dist.Normal(0.0, 0.1).expand([self.n_calibration]).to_event(1))
             out = fm(mass, edges, logz, z, av=av, dust_index=index, av_bc=av_bc, log_u=log_u,
-                     sigma_v=sigma_v, resolution_matrix=None if obs is None else obs.resolution, check=False)
+                     sigma_v=sigma_v, resolution_matrix=None if obs is None else obs.resolution,
+                     calibration_scale=scale, calibration_poly=poly, check=False)
             record_derived(out, mass, edges, logz)
             ivar = obs.ivar if obs is not None else spectrum_ivar
             if ivar is None:

@@ -79,3 +79,26 @@ def test_spectrum_model_prior_and_errors():
     wrong = Observation(redshift=0.1, bands=["sdss_r"], band_flux=[1.0], band_ivar=[1.0])
     with pytest.raises(ValueError, match="the model lacks"):
         model(obs=wrong)
+
+
+def test_aperture_and_calibration_nuisances():
+    """f_fiber scales the spectrum only; the calibration polynomial tilts it across the range."""
+    model = SpecPhotModel(ssp_rank=256, fiber_fraction=(0.4, 0.05), n_calibration=2)
+    pyro.set_rng_seed(4)
+    tr = poutine.trace(model).get_trace(redshift=0.1)
+    base = {k: v["value"] for k, v in tr.nodes.items()
+            if v["type"] == "sample" and not v["is_observed"] and k not in ("spectrum", "photometry")}
+    prior_f = torch.stack([poutine.trace(model).get_trace(redshift=0.1).nodes["f_fiber"]["value"] for _ in range(40)])
+    assert 0.3 < prior_f.mean().item() < 0.5
+
+    def run(f, poly):
+        data = dict(base, f_fiber=torch.tensor([f]), calibration_poly=torch.tensor([poly]))
+        t = poutine.trace(poutine.condition(model, data=data)).get_trace(redshift=0.1)
+        return t.nodes["_RETURN"]["value"]
+
+    a, b = run(1.0, [0.0, 0.0]), run(0.5, [0.0, 0.0])
+    torch.testing.assert_close(b.spectrum, 0.5 * a.spectrum, rtol=1e-5, atol=0)
+    torch.testing.assert_close(b.photometry, a.photometry)
+    c = run(1.0, [0.1, 0.0])
+    ratio = (c.spectrum / a.spectrum)[0]
+    assert ratio[0].item() == pytest.approx(0.9, rel=1e-4) and ratio[-1].item() == pytest.approx(1.1, rel=1e-4)
