@@ -39,6 +39,52 @@ def hermite(x: Tensor, xs: Tensor, ys: Tensor, dys: Tensor) -> Tensor:
             + (-2 * t3 + 3 * t2) * ys[j + 1] + (t3 - t2) * h * dys[j + 1])
 
 
+def _tabulate(cosmo, z_max: float, n_knots: int) -> dict[str, np.ndarray]:
+    """d_L, t_univ and their z-derivatives on knots log-spaced in 1 + z."""
+    z = np.expm1(np.linspace(0.0, np.log1p(z_max), n_knots))
+    dh = cosmo.hubble_distance.to_value("Mpc")
+    th = cosmo.hubble_time.to_value("Gyr")
+    dm = cosmo.comoving_transverse_distance(z).to_value("Mpc")
+    dc = cosmo.comoving_distance(z).to_value("Mpc")
+    inv_e = cosmo.inv_efunc(z)
+    # dD_M/dz = D_H / E(z) * f'(D_C) with f = sinh/sin for curved universes
+    ok = cosmo.Ok0
+    if ok == 0:
+        ddm = dh * inv_e
+    else:
+        s = np.sqrt(abs(ok)) / dh
+        ddm = dh * inv_e * (np.cosh(s * dc) if ok > 0 else np.cos(s * dc))
+    dl = (1 + z) * dm
+    ddl = dm + (1 + z) * ddm
+    age = cosmo.age(z).to_value("Gyr")
+    dage = -th * inv_e / (1 + z)
+    return {"z": z, "dl": dl, "ddl": ddl, "age": age, "dage": dage}
+
+
+def _cached_tables(cosmo, z_max: float, n_knots: int) -> dict[str, np.ndarray]:
+    """:func:`_tabulate`, cached on disk by the cosmology's parameters (astropy's ages take seconds)."""
+    import hashlib
+    import os
+
+    from .sps.grid import cache_dir
+
+    import astropy
+
+    name = "astropy.cosmology.Planck18" if cosmo is None else repr(cosmo)
+    key = hashlib.sha1(f"{name}|{z_max}|{n_knots}|{astropy.__version__}".encode()).hexdigest()[:16]
+    path = cache_dir() / f"cosmology_{key}.npz"
+    if path.exists():
+        with np.load(path) as d:
+            return {k: d[k] for k in d.files}
+    if cosmo is None:
+        from astropy.cosmology import Planck18 as cosmo
+    tables = _tabulate(cosmo, z_max, n_knots)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **tables)
+    os.replace(tmp, path)
+    return tables
+
+
 class Cosmology(torch.nn.Module):
     """Differentiable d_L(z), t_univ(z) and lookback time for an astropy cosmology.
 
@@ -50,29 +96,20 @@ class Cosmology(torch.nn.Module):
 
     def __init__(self, cosmo=None, z_max: float = 20.0, n_knots: int = 1500):
         super().__init__()
-        if cosmo is None:
-            from astropy.cosmology import Planck18 as cosmo
-        self.astropy = cosmo
+        self._astropy = cosmo
         self.z_max = float(z_max)
-        z = np.expm1(np.linspace(0.0, np.log1p(z_max), n_knots))
-        dh = cosmo.hubble_distance.to_value("Mpc")
-        th = cosmo.hubble_time.to_value("Gyr")
-        dm = cosmo.comoving_transverse_distance(z).to_value("Mpc")
-        dc = cosmo.comoving_distance(z).to_value("Mpc")
-        inv_e = cosmo.inv_efunc(z)
-        # dD_M/dz = D_H / E(z) * f'(D_C) with f = sinh/sin for curved universes
-        ok = cosmo.Ok0
-        if ok == 0:
-            ddm = dh * inv_e
-        else:
-            s = np.sqrt(abs(ok)) / dh
-            ddm = dh * inv_e * (np.cosh(s * dc) if ok > 0 else np.cos(s * dc))
-        dl = (1 + z) * dm
-        ddl = dm + (1 + z) * ddm
-        age = cosmo.age(z).to_value("Gyr")
-        dage = -th * inv_e / (1 + z)
-        for name, arr in (("z", z), ("dl", dl), ("ddl", ddl), ("age", age), ("dage", dage)):
+        tables = _cached_tables(cosmo, self.z_max, n_knots)
+        for name, arr in tables.items():
             self.register_buffer("tab_" + name, torch.from_numpy(np.asarray(arr, dtype=np.float64)))
+
+    @property
+    def astropy(self):
+        """The astropy cosmology tabulated here."""
+        if self._astropy is None:
+            from astropy.cosmology import Planck18
+
+            self._astropy = Planck18
+        return self._astropy
 
     def _check(self, z: Tensor) -> None:
         if torch.any(~torch.isfinite(z)):
@@ -102,4 +139,4 @@ class Cosmology(torch.nn.Module):
         return float(self.tab_age[0]) - self.age(z)
 
     def extra_repr(self) -> str:
-        return f"{getattr(self.astropy, 'name', self.astropy)}, z <= {self.z_max}"
+        return f"{'Planck18' if self._astropy is None else self._astropy.name}, z <= {self.z_max}"

@@ -30,7 +30,7 @@ from .instrument import (
     sigma_from_resolution, velocity_sigma)
 from .photometry import LogGridPhotometry, Photometry
 from .resample import check_wavelengths, edges_from_centers, interp1d, resample_log
-from .sps.grid import LSUN_ERG_S, SSPGrid, load_bc03_miles, log_wave_grid, rebin_grid
+from .sps.grid import LSUN_ERG_S, SSPGrid, load_bc03_miles, log_wave_grid, rebin_grid_cached
 from .sps.nebular import NebularEmission
 from .sps.synthesis import StellarSynthesis
 
@@ -77,7 +77,7 @@ class _Branch(torch.nn.Module):
         if edges_vac[0] < vac.wave[0] or edges_vac[-1] > vac.wave[-1]:
             raise ValueError(f"the model needs rest-frame {float(edges_vac[0]):.0f}-{float(edges_vac[-1]):.0f} A "
                              f"(vacuum); the SSP grid has {vac.wave[0]:.0f}-{vac.wave[-1]:.0f} A")
-        local = rebin_grid(vac.restrict(float(edges_vac[0]) * 0.99, float(edges_vac[-1]) * 1.01), centers_vac)
+        local = rebin_grid_cached(vac.restrict(float(edges_vac[0]) * 0.99, float(edges_vac[-1]) * 1.01), centers_vac)
         self.stars = StellarSynthesis(local, t_bc=t_bc, rank=rank)
         self.nebular = NebularEmission(local.wave, t_bc=t_bc, vacuum=True) if nebular else None
         wave = torch.from_numpy(local.wave)

@@ -281,3 +281,28 @@ def log_wave_grid(wmin: float, wmax: float, dlnlam: float) -> np.ndarray:
     """Pixel centres uniformly spaced in ln(lambda) from wmin to wmax (Angstrom)."""
     n = int(np.ceil(np.log(wmax / wmin) / dlnlam)) + 1
     return wmin * np.exp(dlnlam * np.arange(n))
+
+
+def rebin_grid_cached(grid: SSPGrid, wave: np.ndarray) -> SSPGrid:
+    """:func:`rebin_grid` with the result cached in :func:`cache_dir`.
+
+    The key covers the grid (name, shapes, wavelength range, a fingerprint of
+    its fluxes) and the target pixels, so a changed grid is never served a
+    stale copy.
+    """
+    wave = np.asarray(wave, float)
+    h = hashlib.sha1()
+    for part in (grid.name, grid.flux.shape, grid.air, _CACHE_VERSION):
+        h.update(repr(part).encode())
+    for arr in (grid.wave, grid.ages, grid.metallicities, grid.flux[:, ::7, ::13], grid.surviving_fraction, wave):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    path = cache_dir() / f"rebinned_{h.hexdigest()[:16]}.npz"
+    if path.exists():
+        with np.load(path) as d:
+            return SSPGrid(d["wave"], grid.ages, grid.metallicities, d["flux"], grid.surviving_fraction,
+                           grid.zsun, grid.air, d["fwhm"], grid.name + " (rebinned)", grid.living_fraction)
+    out = rebin_grid(grid, wave)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, wave=out.wave, flux=out.flux, fwhm=out.fwhm)
+    os.replace(tmp, path)
+    return out
