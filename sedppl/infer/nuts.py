@@ -122,23 +122,22 @@ def _to_arviz(model, chains, args, kwargs, predictive, num_prior):
 
     import numpy as np
 
+    derived = deterministic_sites(model, *args, **kwargs)
     parts = []
     for mcmc, stats in chains:
         samples = mcmc.get_samples(group_by_chain=False)
-        post_pred = Predictive(model, posterior_samples=samples)(*args, **kwargs) if predictive else None
+        draws = Predictive(model, posterior_samples=samples,
+                           return_sites=None if predictive else sorted(derived))(*args, **kwargs)
+        post_pred = {k: v for k, v in draws.items() if k not in derived} if predictive else None
         part = az.from_pyro(mcmc, posterior_predictive=post_pred, log_likelihood=True)
-        if post_pred is not None:  # deterministic (derived) sites belong to the posterior
-            derived = deterministic_sites(model, *args, **kwargs)
-            extra = {}
-            for k, v in post_pred.items():
-                if k not in derived:
-                    continue
-                v = v.detach().numpy()[None]
-                extra[k] = (("chain", "draw") + tuple(f"{k}_dim_{i}" for i in range(v.ndim - 2)), v)
-            part.posterior = part.posterior.assign(extra)
-            part.posterior_predictive = part.posterior_predictive.drop_vars(list(extra))
-            if hasattr(part, "observed_data"):
-                part.observed_data = part.observed_data.drop_vars([k for k in extra if k in part.observed_data])
+        # deterministic (derived) sites belong to the posterior
+        extra = {}
+        for k in derived & set(draws):
+            v = draws[k].detach().numpy()[None]
+            extra[k] = (("chain", "draw") + tuple(f"{k}_dim_{i}" for i in range(v.ndim - 2)), v)
+        part.posterior = part.posterior.assign(extra)
+        if hasattr(part, "observed_data"):
+            part.observed_data = part.observed_data.drop_vars([k for k in extra if k in part.observed_data])
         n = np.asarray(stats["n_steps"])[None]
         part.sample_stats["n_steps"] = (("chain", "draw"), n)
         part.sample_stats["tree_depth"] = (("chain", "draw"), np.ceil(np.log2(n + 1)).astype(int))
