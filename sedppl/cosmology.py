@@ -64,24 +64,21 @@ def _tabulate(cosmo, z_max: float, n_knots: int) -> dict[str, np.ndarray]:
 def _cached_tables(cosmo, z_max: float, n_knots: int) -> dict[str, np.ndarray]:
     """:func:`_tabulate`, cached on disk by the cosmology's parameters (astropy's ages take seconds)."""
     import hashlib
-    import os
 
-    from .sps.grid import cache_dir
+    from .cache import cache_dir, load_npz, save_npz
 
     import astropy
 
     name = "astropy.cosmology.Planck18" if cosmo is None else repr(cosmo)
     key = hashlib.sha1(f"{name}|{z_max}|{n_knots}|{astropy.__version__}".encode()).hexdigest()[:16]
     path = cache_dir() / f"cosmology_{key}.npz"
-    if path.exists():
-        with np.load(path) as d:
-            return {k: d[k] for k in d.files}
+    tables = load_npz(path)
+    if tables is not None:
+        return tables
     if cosmo is None:
         from astropy.cosmology import Planck18 as cosmo
     tables = _tabulate(cosmo, z_max, n_knots)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **tables)
-    os.replace(tmp, path)
+    save_npz(path, **tables)
     return tables
 
 

