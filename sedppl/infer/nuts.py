@@ -1,8 +1,11 @@
 """NUTS (Pyro) on any sedppl Pyro program, returning ArviZ InferenceData.
 
-Chains start near the posterior mode: a MAP fit in the unconstrained space
-(Adam on an ``AutoDelta`` guide, several random restarts drawn from the prior,
-the best kept), then each chain starts from the MAP point with a small jitter.
+Chains start near the posterior mode: the minimum of the potential in NUTS's
+unconstrained space (L-BFGS from several random draws of the prior, the best
+kept), then each chain starts from it with a small jitter. The dense mass
+matrix starts at the Laplace approximation there (inverse Hessian), so warmup
+begins with sensible trajectories even for narrow, correlated posteriors, and
+the potential is traced with TorchScript.
 Chains run one after another (two cores do not gain from parallel chains) with
 a progress bar each. The result has posterior, sample_stats (diverging,
 tree depth, ...), log_likelihood, prior and posterior predictive and observed
@@ -22,15 +25,24 @@ from typing import Callable
 
 import pyro
 import torch
-from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
-from pyro.infer.autoguide import AutoDelta
+from pyro.infer import MCMC, NUTS, Predictive
 from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
 
 
 class _CountingNUTS(NUTS):
-    """NUTS that counts its leapfrog steps (gradient evaluations) per draw."""
+    """NUTS that counts its leapfrog steps (gradient evaluations) per draw, and can start
+    from a given dense inverse mass matrix (e.g. a Laplace approximation) instead of identity."""
 
     leapfrog_steps = 0
+    start_inverse_mass: torch.Tensor | None = None
+
+    def _initialize_adapter(self):
+        super()._initialize_adapter()
+        if self.start_inverse_mass is not None and self._adapter.dense_mass is True:
+            key = tuple(sorted(self.initial_params))
+            m = self.start_inverse_mass.to(self._potential_energy_last.dtype)
+            self.mass_matrix_adapter.inverse_mass_matrix = {key: m}
+            self._adapter.reset_step_size_adaptation(self._initial_params)
 
     def _build_basetree(self, *args, **kwargs):
         self.leapfrog_steps += 1
@@ -44,36 +56,68 @@ def deterministic_sites(model: Callable, *args, **kwargs) -> set[str]:
             if site["type"] == "sample" and site["infer"].get("_deterministic", False)}
 
 
-def find_map(model: Callable, *args, steps: int = 300, restarts: int = 4, lr: float = 0.05,
+def find_map(model: Callable, *args, steps: int = 200, restarts: int = 4, jit_compile: bool = True,
              **kwargs) -> dict[str, torch.Tensor]:
-    """MAP estimate of the latent sites (constrained values), best of several restarts.
+    """Posterior mode in NUTS's unconstrained coordinates, best of several restarts.
+
+    Minimises the potential energy (minus log joint density, with the Jacobians
+    of the transforms to unconstrained space) by L-BFGS with a strong-Wolfe line
+    search from random draws of the prior.
 
     Arguments:
         model: The Pyro program; ``args``/``kwargs`` are passed to it.
-        steps: Adam steps per restart.
+        steps: L-BFGS iterations per restart.
         restarts: Random starts drawn from the prior.
+        jit_compile: Trace the potential with TorchScript.
 
     Returns:
-        {site name: value} at the highest joint density found.
+        {site name: constrained value} at the lowest potential found.
     """
-    best, best_loss = None, float("inf")
+    import pyro.infer.mcmc.util as mcmc_util
+
+    best, best_u = None, float("inf")
     for _ in range(restarts):
-        pyro.clear_param_store()
-        guide = AutoDelta(model, init_loc_fn=init_to_sample)
-        svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.99}), Trace_ELBO())
-        loss = float("inf")
-        for _ in range(steps):
-            loss = svi.step(*args, **kwargs)
-        if loss < best_loss:
-            best_loss = loss
-            best = {k: v.detach().clone() for k, v in guide.median(*args, **kwargs).items()}
-    pyro.clear_param_store()
+        params, potential_fn, transforms, _ = mcmc_util.initialize_model(
+            model, model_args=args, model_kwargs=kwargs, jit_compile=jit_compile, skip_jit_warnings=True,
+            init_strategy=init_to_sample)
+        names = sorted(params)
+        sizes = [params[k].numel() for k in names]
+        x = torch.cat([params[k].detach().reshape(-1) for k in names]).double().requires_grad_()
+
+        def unflatten(flat):
+            return {k: p.reshape(params[k].shape).to(params[k].dtype)
+                    for k, p in zip(names, torch.split(flat, sizes))}
+
+        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-6, tolerance_change=1e-10, history_size=20)
+
+        def closure():
+            opt.zero_grad()
+            u = potential_fn(unflatten(x))
+            if not torch.isfinite(u):
+                u = torch.full((), 1e30, dtype=x.dtype, requires_grad=True) + 0 * x.sum()
+            u.backward()
+            return u
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step(closure)
+        with torch.no_grad():
+            u = float(potential_fn(unflatten(x)))
+        if u < best_u:
+            best_u = u
+            best = {k: transforms[k].inv(v).detach() if k in transforms else v.detach()
+                    for k, v in unflatten(x.detach()).items()}
+    if best is None:
+        raise RuntimeError("no finite posterior density found from any start; check the observation")
     return best
 
 
 def run_nuts(model: Callable, *args, num_samples: int = 500, warmup_steps: int = 500,
-             num_chains: int = 4, seed: int = 0, init: dict | None = None, map_steps: int = 300,
-             max_tree_depth: int = 8, target_accept_prob: float = 0.8, progress: bool = True,
+             num_chains: int = 4, seed: int = 0, init: dict | None = None, map_steps: int = 200,
+             map_restarts: int = 4,
+             max_tree_depth: int = 8, target_accept_prob: float = 0.8, full_mass: bool = True,
+             jit_compile: bool = True, jitter: float = 0.1, laplace: bool = True, progress: bool = True,
              predictive: bool = True, num_prior: int = 200, **kwargs):
     """Sample a model's posterior with NUTS.
 
@@ -82,8 +126,18 @@ def run_nuts(model: Callable, *args, num_samples: int = 500, warmup_steps: int =
             ``args``/``kwargs`` (e.g. ``obs=...``) are passed to it.
         num_samples, warmup_steps, num_chains: Per chain.
         seed: Seed of everything random here.
-        init: Starting values {site: value}; by default the MAP (:func:`find_map`).
+        init: Starting values {site: value}; by default the MAP (:func:`find_map`)
+            from ``map_restarts`` random starts of ``map_steps`` L-BFGS iterations each.
         max_tree_depth, target_accept_prob: NUTS settings.
+        full_mass: Adapt a dense mass matrix (the parameters of an SED fit are strongly
+            correlated: mass, age, dust, metallicity); False for a diagonal one.
+        jit_compile: Trace the potential with TorchScript (1.6-2.6x faster gradients
+            for the zoo models; turn off for models with data-dependent Python control flow).
+        laplace: With ``full_mass``, start the mass matrix at the Laplace approximation at
+            ``init`` (:func:`laplace_inverse_mass`) rather than the identity; warmup then
+            begins with short trajectories even when the posterior is narrow and correlated.
+        jitter: Chains after the first start this far (standard deviations of a unit
+            normal in the unconstrained space) from ``init``, so R-hat can see disagreement.
         progress: Show progress bars.
         predictive: Also draw prior and posterior predictive samples.
 
@@ -93,13 +147,16 @@ def run_nuts(model: Callable, *args, num_samples: int = 500, warmup_steps: int =
 
     pyro.set_rng_seed(seed)
     if init is None:
-        init = find_map(model, *args, steps=map_steps, **kwargs)
+        init = find_map(model, *args, steps=map_steps, restarts=map_restarts, jit_compile=jit_compile, **kwargs)
+    inv_mass = laplace_inverse_mass(model, init, *args, **kwargs) if (laplace and full_mass) else None
     chains = []
     for c in range(num_chains):
         pyro.set_rng_seed(seed + 1000 * (c + 1))
-        start = {k: v for k, v in init.items()}
+        start = _jitter(model, init, jitter if c else 0.0, args, kwargs)
         kernel = _CountingNUTS(model, init_strategy=init_to_value(values=start), max_tree_depth=max_tree_depth,
-                               target_accept_prob=target_accept_prob, jit_compile=False)
+                               target_accept_prob=target_accept_prob, full_mass=full_mass,
+                               jit_compile=jit_compile, ignore_jit_warnings=True)
+        kernel.start_inverse_mass = inv_mass
         stats = {"n_steps": [], "step_size": []}
 
         def hook(kern, _params, stage, _i, stats=stats):
@@ -115,6 +172,56 @@ def run_nuts(model: Callable, *args, num_samples: int = 500, warmup_steps: int =
     idata = _to_arviz(model, chains, args, kwargs, predictive, num_prior)
     check_convergence(idata)
     return idata
+
+
+def laplace_inverse_mass(model: Callable, values: dict[str, torch.Tensor], *args, step: float = 1e-2,
+                         max_sd: float = 10.0, **kwargs) -> torch.Tensor:
+    """Inverse Hessian of the potential at ``values``, in NUTS's unconstrained coordinates.
+
+    The Hessian comes from central differences of the gradient (2 d gradient
+    evaluations for d unconstrained dimensions, sites in sorted order as Pyro's
+    dense mass matrix expects); eigenvalues are made positive and floored at
+    ``1 / max_sd**2`` so the result is a valid covariance.
+
+    Returns:
+        (d, d) float64 matrix: the Laplace approximation's covariance.
+    """
+    import pyro.infer.mcmc.util as mcmc_util
+    from pyro.ops.integrator import potential_grad
+
+    _, potential_fn, transforms, _ = mcmc_util.initialize_model(model, model_args=args, model_kwargs=kwargs)
+    names = sorted(values)
+    u = {k: transforms[k](values[k]).detach() if k in transforms else values[k].detach() for k in names}
+    sizes = [u[k].numel() for k in names]
+    flat = torch.cat([u[k].reshape(-1) for k in names])
+
+    def grad_at(x):
+        parts = dict(zip(names, [p.reshape(u[k].shape) for p, k in zip(torch.split(x, sizes), names)]))
+        g, _ = potential_grad(potential_fn, parts)
+        return torch.cat([g[k].reshape(-1) for k in names]).double()
+
+    d = flat.numel()
+    hess = torch.zeros(d, d, dtype=torch.float64)
+    for j in range(d):
+        e = torch.zeros(d, dtype=flat.dtype)
+        e[j] = step
+        hess[:, j] = (grad_at(flat + e) - grad_at(flat - e)) / (2 * step)
+    hess = 0.5 * (hess + hess.T)
+    evals, evecs = torch.linalg.eigh(hess)
+    evals = evals.abs().clamp(min=1 / max_sd**2)
+    return (evecs / evals) @ evecs.T
+
+
+def _jitter(model, values: dict, scale: float, args, kwargs) -> dict:
+    """Perturb starting values by ``scale`` (standard normal) in each site's unconstrained space."""
+    if scale == 0:
+        return dict(values)
+    tr = pyro.poutine.trace(pyro.poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+    out = {}
+    for k, v in values.items():
+        t = torch.distributions.biject_to(tr.nodes[k]["fn"].support)
+        out[k] = t(t.inv(v) + scale * torch.randn_like(v)).detach()
+    return out
 
 
 def _to_arviz(model, chains, args, kwargs, predictive, num_prior):

@@ -1,0 +1,89 @@
+"""Calibration diagnostics of posteriors: SBC ranks, coverage, uniformity tests.
+
+These work on plain arrays of truths and posterior draws, so they judge NUTS
+and amortized posteriors alike.
+
+References:
+    Talts et al. 2018, arXiv:1804.06788 (simulation-based calibration).
+    Cook, Gelman & Rubin 2006, JCGS 15, 675.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+
+def sbc_ranks(truth: np.ndarray, draws: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Rank of each truth among its posterior draws (ties broken at random).
+
+    Arguments:
+        truth: (N,) true values, one per simulation.
+        draws: (N, L) posterior draws per simulation (independent, i.e. thinned).
+        seed: Seed for tie breaking.
+
+    Returns:
+        (N,) integer ranks in 0..L; uniform on 0..L when the posterior is calibrated.
+    """
+    truth, draws = np.asarray(truth, float), np.asarray(draws, float)
+    if draws.ndim != 2 or truth.shape != draws.shape[:1]:
+        raise ValueError(f"need truth (N,) and draws (N, L); got {truth.shape} and {draws.shape}")
+    below = (draws < truth[:, None]).sum(1)
+    ties = (draws == truth[:, None]).sum(1)
+    rng = np.random.default_rng(seed)
+    return below + np.array([rng.integers(0, t + 1) for t in ties])
+
+
+def rank_uniformity_pvalue(ranks: np.ndarray, n_draws: int, n_bins: int | None = None) -> float:
+    """Chi-square test that SBC ranks (0..n_draws) are uniform.
+
+    Arguments:
+        ranks: (N,) ranks from :func:`sbc_ranks`.
+        n_draws: L, the number of draws each rank was taken among.
+        n_bins: Histogram bins (expected counts account for unequal bins); default
+            about N / 5 and at most 20, so every bin expects >= 5 counts.
+
+    Returns:
+        p-value of the chi-square statistic with n_bins - 1 degrees of freedom.
+    """
+    ranks = np.asarray(ranks)
+    n = len(ranks)
+    if n_bins is None:
+        n_bins = int(np.clip(n // 5, 2, 20))
+    # rank value r (of L + 1 possible) falls in bin floor(r * n_bins / (L + 1))
+    bin_of = lambda r: (np.asarray(r) * n_bins) // (n_draws + 1)  # noqa: E731
+    counts = np.bincount(bin_of(ranks), minlength=n_bins)
+    expected = n * np.bincount(bin_of(np.arange(n_draws + 1)), minlength=n_bins) / (n_draws + 1)
+    return float(stats.chisquare(counts, expected).pvalue)
+
+
+def central_interval_coverage(truth: np.ndarray, draws: np.ndarray,
+                              levels: np.ndarray | list[float] = (0.68, 0.95)) -> np.ndarray:
+    """Fraction of simulations whose truth lies inside the central credible interval.
+
+    Arguments:
+        truth: (N,) true values.
+        draws: (N, L) posterior draws.
+        levels: Credibility levels in (0, 1).
+
+    Returns:
+        (len(levels),) empirical coverage; equal to ``levels`` (within binomial
+        noise, sd = sqrt(p (1 - p) / N)) for a calibrated posterior.
+    """
+    truth, draws = np.asarray(truth, float), np.asarray(draws, float)
+    out = []
+    for p in np.atleast_1d(levels):
+        lo, hi = np.quantile(draws, [(1 - p) / 2, (1 + p) / 2], axis=1)
+        out.append(np.mean((truth >= lo) & (truth <= hi)))
+    return np.array(out)
+
+
+def coverage_tolerance(level: float, n: int, sigmas: float = 3.0) -> float:
+    """Binomial tolerance on an empirical coverage: ``sigmas`` * sqrt(p (1 - p) / n)."""
+    return sigmas * float(np.sqrt(level * (1 - level) / n))
+
+
+def thin_to_independent(draws: np.ndarray, ess: float) -> np.ndarray:
+    """Thin a (N, L) chain of draws to about ``ess`` roughly independent draws each."""
+    step = max(1, int(np.ceil(draws.shape[1] / max(ess, 1.0))))
+    return draws[:, ::step]

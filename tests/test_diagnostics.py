@@ -1,0 +1,48 @@
+"""Calibration diagnostics on a conjugate Gaussian problem with a known posterior."""
+
+import numpy as np
+import pytest
+
+from sedppl.diagnostics import (central_interval_coverage, coverage_tolerance, rank_uniformity_pvalue,
+                                sbc_ranks, thin_to_independent)
+
+N, L = 400, 99
+
+
+def gaussian_problem(seed, posterior_sd=np.sqrt(0.5), shift=0.0):
+    """theta ~ N(0, 1), x ~ N(theta, 1): the posterior is N(x / 2, 1 / 2)."""
+    rng = np.random.default_rng(seed)
+    theta = rng.normal(size=N)
+    x = theta + rng.normal(size=N)
+    draws = x[:, None] / 2 + shift + posterior_sd * rng.normal(size=(N, L))
+    return theta, draws
+
+
+def test_exact_posterior_is_calibrated():
+    theta, draws = gaussian_problem(0)
+    assert rank_uniformity_pvalue(sbc_ranks(theta, draws), L) > 0.01
+    cov = central_interval_coverage(theta, draws, [0.5, 0.68, 0.95])
+    for level, c in zip((0.5, 0.68, 0.95), cov):
+        assert abs(c - level) < coverage_tolerance(level, N), (level, c)
+
+
+def test_false_positive_rate_near_nominal():
+    # 200 calibrated experiments: the 5% test rejects 5% +- 3 sigma of them
+    p = np.array([rank_uniformity_pvalue(sbc_ranks(*gaussian_problem(s)), L) for s in range(200)])
+    rate = np.mean(p < 0.05)
+    assert abs(rate - 0.05) < 3 * np.sqrt(0.05 * 0.95 / 200), rate
+
+
+@pytest.mark.parametrize("kind", ["overconfident", "biased"])
+def test_miscalibration_detected(kind):
+    kw = {"posterior_sd": 0.3} if kind == "overconfident" else {"shift": 0.5}
+    theta, draws = gaussian_problem(1, **kw)
+    assert rank_uniformity_pvalue(sbc_ranks(theta, draws), L) < 1e-4
+    assert central_interval_coverage(theta, draws, [0.68])[0] < 0.68 - coverage_tolerance(0.68, N)
+
+
+def test_ranks_and_errors():
+    assert list(sbc_ranks(np.array([0.5, -1.0, 2.0]), np.array([[0.0, 1.0]] * 3))) == [1, 0, 2]
+    with pytest.raises(ValueError, match="draws"):
+        sbc_ranks(np.zeros(3), np.zeros(3))
+    assert thin_to_independent(np.zeros((2, 100)), 25).shape == (2, 25)
