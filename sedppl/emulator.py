@@ -1,0 +1,199 @@
+"""Neural emulator of stellar population spectra (PCA + MLP, after Alsing et al. 2020).
+
+The emulator maps physical parameters theta (D,) to a rest-frame log spectrum on
+a fixed wavelength grid plus any scalar outputs (e.g. the log surviving-mass
+fraction), so a model can replace its exact synthesis by one small network:
+
+1. log spectra are standardised per pixel (mean, sd over the training set) and
+   projected on their first ``n_components`` principal components;
+2. an MLP with the Speculator activation
+   a(x) = [gamma + (1 - gamma) sigmoid(beta x)] x  (beta, gamma learned per unit)
+   maps standardised parameters to standardised PCA coefficients and scalars;
+3. the spectrum is rebuilt as mean + sd * (coefficients @ basis).
+
+Weights are saved as safetensors with a JSON card (parameter names and ranges,
+wavelengths, training size, validation accuracy, a checksum of the weights),
+so loading never runs code; see :mod:`sedppl.emulator_training` for training.
+
+References:
+    Alsing et al. 2020, ApJS 249, 5 (Speculator).
+    Kwon, Hahn & Alsing 2023, ApJS 265, 23 (PROVABGS emulator, chunked PCA).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+CARD_VERSION = 1
+
+
+class SpeculatorActivation(nn.Module):
+    """a(x) = [gamma + (1 - gamma) sigmoid(beta x)] x, with learned beta, gamma per unit (Alsing et al. 2020)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.beta = nn.Parameter(torch.randn(width) * 0.1 + 1.0)
+        self.gamma = nn.Parameter(torch.randn(width) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.gamma + (1 - self.gamma) * torch.sigmoid(self.beta * x)) * x
+
+
+@dataclass
+class EmulatorCard:
+    """What an emulator was trained for and how well it does.
+
+    Attributes:
+        param_names: Names of the D inputs, in order.
+        param_low, param_high: The box the training draws covered (inputs outside warn).
+        wave: Rest-frame wavelengths of the spectrum, Angstrom (vacuum unless ``air``).
+        air: Whether ``wave`` is in air.
+        flux_unit: Unit of the (non-log) spectrum, e.g. "Lsun/A per Msun formed".
+        scalar_names: Names of the scalar outputs.
+        n_components: PCA components; hidden: MLP widths.
+        n_train, n_valid: Training and validation set sizes.
+        accuracy: Validation figures, e.g. {"median_abs_frac": ..., "p99_abs_frac": ...}.
+        sha256: Checksum of the weights file.
+        notes: Free text (simulator, prior).
+    """
+
+    param_names: list[str]
+    param_low: list[float]
+    param_high: list[float]
+    wave: list[float]
+    air: bool = False
+    flux_unit: str = ""
+    scalar_names: list[str] = field(default_factory=list)
+    n_components: int = 32
+    hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
+    n_train: int = 0
+    n_valid: int = 0
+    accuracy: dict = field(default_factory=dict)
+    sha256: str = ""
+    notes: str = ""
+    version: int = CARD_VERSION
+
+
+class SpectrumEmulator(nn.Module):
+    """PCA + Speculator-MLP emulator of log spectra and scalars.
+
+    Arguments:
+        card: The :class:`EmulatorCard` (sizes and ranges).
+
+    Call with theta (..., D) in the card's parameter order and units; returns
+    (log_spectrum (..., L) natural log of the flux in ``card.flux_unit``,
+    scalars (..., S)).
+    """
+
+    def __init__(self, card: EmulatorCard):
+        super().__init__()
+        self.card = card
+        d, n_wave, k, s = len(card.param_names), len(card.wave), card.n_components, len(card.scalar_names)
+        self.register_buffer("param_shift", torch.zeros(d))
+        self.register_buffer("param_scale", torch.ones(d))
+        self.register_buffer("log_mean", torch.zeros(n_wave))
+        self.register_buffer("log_sd", torch.ones(n_wave))
+        self.register_buffer("basis", torch.zeros(k, n_wave))
+        self.register_buffer("out_shift", torch.zeros(k + s))
+        self.register_buffer("out_scale", torch.ones(k + s))
+        self.register_buffer("low", torch.tensor(card.param_low, dtype=torch.float32))
+        self.register_buffer("high", torch.tensor(card.param_high, dtype=torch.float32))
+        layers: list[nn.Module] = []
+        width = d
+        for h in card.hidden:
+            layers += [nn.Linear(width, h), SpeculatorActivation(h)]
+            width = h
+        layers.append(nn.Linear(width, k + s))
+        self.mlp = nn.Sequential(*layers)
+        self.warn_outside = True
+
+    @property
+    def wave(self) -> Tensor:
+        """Rest-frame wavelengths, (L,), Angstrom."""
+        return torch.tensor(self.card.wave, dtype=torch.float64)
+
+    def check_inputs(self, theta: Tensor) -> None:
+        """Raise on NaN inputs and warn on inputs outside the trained box."""
+        if theta.shape[-1] != len(self.card.param_names):
+            raise ValueError(f"emulator expects {len(self.card.param_names)} parameters "
+                             f"({', '.join(self.card.param_names)}), got {theta.shape[-1]}")
+        if torch.isnan(theta).any():
+            raise ValueError("NaN in emulator inputs")
+        if self.warn_outside:
+            t = theta.detach()
+            out = (t < self.low - 1e-6) | (t > self.high + 1e-6)
+            if out.any():
+                bad = [n for n, o in zip(self.card.param_names, out.reshape(-1, out.shape[-1]).any(0)) if o]
+                warnings.warn(f"emulator inputs outside the trained range for {', '.join(bad)}: "
+                              "its accuracy there is unknown; use the exact synthesis", stacklevel=3)
+
+    def coefficients(self, theta: Tensor) -> Tensor:
+        """Standardised network outputs mapped back: (..., K + S) PCA coefficients and scalars."""
+        x = (theta.to(self.param_shift.dtype) - self.param_shift) / self.param_scale
+        return self.mlp(x) * self.out_scale + self.out_shift
+
+    def forward(self, theta: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:
+        if check:
+            self.check_inputs(theta)
+        out = self.coefficients(theta)
+        k = self.card.n_components
+        log_spec = self.log_mean + self.log_sd * (out[..., :k] @ self.basis)
+        return log_spec, out[..., k:]
+
+    # ----------------------------------------------------------------- files
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (.safetensors) and ``path`` with suffix .json (the card, with checksum)."""
+        from safetensors.torch import save_file
+
+        path = Path(path).with_suffix(".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        self.card.sha256 = _sha256(tmp)
+        tmp.replace(path)
+        path.with_suffix(".json").write_text(json.dumps(asdict(self.card), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SpectrumEmulator":
+        """Load weights (safetensors, no code execution) and check them against the card."""
+        from safetensors.torch import load_file
+
+        path = Path(path).with_suffix(".safetensors")
+        card_path = path.with_suffix(".json")
+        if not path.exists() or not card_path.exists():
+            raise FileNotFoundError(f"emulator needs both {path} and {card_path}")
+        card = EmulatorCard(**json.loads(card_path.read_text()))
+        if card.version != CARD_VERSION:
+            raise ValueError(f"emulator card version {card.version}; this sedppl reads version {CARD_VERSION}")
+        if card.sha256 and card.sha256 != _sha256(path):
+            raise ValueError(f"checksum of {path.name} does not match its card: the weights were changed")
+        emu = cls(card)
+        state = load_file(str(path))
+        missing = set(emu.state_dict()) ^ set(state)
+        if missing:
+            raise ValueError(f"weights do not match the card's architecture: {sorted(missing)[:5]}")
+        emu.load_state_dict(state)
+        return emu.eval()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fractional_errors(emulated_log: Tensor | np.ndarray, exact_log: Tensor | np.ndarray) -> np.ndarray:
+    """|f_emu / f_exact - 1| per pixel from natural-log spectra, (N, L)."""
+    d = np.asarray(emulated_log, dtype=np.float64) - np.asarray(exact_log, dtype=np.float64)
+    return np.abs(np.expm1(d))

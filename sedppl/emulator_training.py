@@ -1,0 +1,198 @@
+"""Training an emulator from any simulator and prior, resumable, with progress.
+
+A *simulator* is a callable theta (N, D) -> (log_flux (N, L), scalars (N, S)):
+the exact synthesis of a model by default, or anything else (e.g. FSPS run
+elsewhere). A *prior* is a callable (n, generator) -> theta (n, D).
+
+Training: draw the sets, fit the PCA on the training log spectra, then Adam on
+the mean squared error of the rebuilt log spectrum and scalars through a schedule of
+(learning rate, batch size) stages, each ending by early stopping on the
+validation loss. A checkpoint (safetensors) is written at every epoch, so a
+run interrupted at any point resumes where it stopped (at a stage boundary the
+result is identical to an uninterrupted run; within a stage Adam's moment
+estimates restart).
+
+References:
+    Alsing et al. 2020, ApJS 249, 5 (Speculator; learning-rate / batch-size schedule).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .emulator import EmulatorCard, SpectrumEmulator, fractional_errors
+
+Simulator = Callable[[Tensor], tuple[Tensor, Tensor]]
+Prior = Callable[[int, torch.Generator], Tensor]
+
+DEFAULT_SCHEDULE = ((1e-3, 256), (3e-4, 1024), (1e-4, 2048), (3e-5, 4096))
+
+
+def simulate(simulator: Simulator, theta: Tensor, chunk: int = 500, progress: bool = True) -> tuple[Tensor, Tensor]:
+    """Run ``simulator`` on ``theta`` in chunks (bounded memory), without gradients."""
+    from tqdm.auto import tqdm
+
+    logs, scalars = [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(theta), chunk), disable=not progress, desc="simulating"):
+            lf, sc = simulator(theta[i:i + chunk])
+            logs.append(lf.float())
+            scalars.append(sc.float().reshape(len(lf), -1))
+    log_flux, sc = torch.cat(logs), torch.cat(scalars)
+    if not torch.isfinite(log_flux).all():
+        raise ValueError("the simulator returned non-finite log fluxes (zero or negative flux?)")
+    return log_flux, sc
+
+
+def fit_pca(emu: SpectrumEmulator, theta: Tensor, log_flux: Tensor, scalars: Tensor) -> None:
+    """Set the emulator's standardisations and PCA basis from a training set."""
+    k = emu.card.n_components
+    emu.param_shift.copy_(theta.mean(0))
+    emu.param_scale.copy_(theta.std(0).clamp(min=1e-8))
+    emu.log_mean.copy_(log_flux.mean(0))
+    emu.log_sd.copy_(log_flux.std(0).clamp(min=1e-8))
+    z = (log_flux - emu.log_mean) / emu.log_sd
+    _, _, vh = torch.linalg.svd(z.double(), full_matrices=False)
+    emu.basis.copy_(vh[:k].float())
+    out = torch.cat([z @ emu.basis.T, scalars], dim=1)
+    emu.out_shift.copy_(out.mean(0))
+    emu.out_scale.copy_(out.std(0).clamp(min=1e-8))
+
+
+def _targets(emu: SpectrumEmulator, log_flux: Tensor, scalars: Tensor) -> Tensor:
+    z = (log_flux - emu.log_mean) / emu.log_sd
+    return (torch.cat([z @ emu.basis.T, scalars], dim=1) - emu.out_shift) / emu.out_scale
+
+
+def train_emulator(simulator: Simulator, prior: Prior, card: EmulatorCard, out: str | Path,
+                   n_train: int = 50_000, n_valid: int = 5_000, seed: int = 0,
+                   schedule: tuple[tuple[float, int], ...] = DEFAULT_SCHEDULE, patience: int = 20,
+                   max_epochs: int = 500, progress: bool = True) -> SpectrumEmulator:
+    """Train (or resume training) an emulator and save it with its card.
+
+    Arguments:
+        simulator: theta (N, D) -> (log flux (N, L) natural log, scalars (N, S)).
+        prior: (n, generator) -> theta (n, D) draws covering the box in ``card``.
+        card: Names, ranges, wavelengths and sizes (n_components, hidden).
+        out: Path of the emulator (``.safetensors`` + ``.json``); a sibling
+            ``*.ckpt`` folder keeps the simulations and checkpoint for resuming.
+        n_train, n_valid: Set sizes.
+        seed: Seed of the draws and of the network initialisation.
+        schedule: (learning rate, batch size) stages.
+        patience: Epochs without validation improvement that end a stage.
+        max_epochs: Cap on epochs per stage.
+
+    Returns:
+        The trained emulator (best validation loss), also saved at ``out``.
+    """
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    out = Path(out).with_suffix(".safetensors")
+    ckpt = out.with_suffix(".ckpt")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    data_file = ckpt / "data.safetensors"
+    if data_file.exists():
+        data = load_file(str(data_file))
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        theta = prior(n_train + n_valid, gen).float()
+        log_flux, scalars = simulate(simulator, theta, progress=progress)
+        data = {"theta": theta, "log_flux": log_flux, "scalars": scalars}
+        save_file(data, str(ckpt / "data.tmp"))
+        (ckpt / "data.tmp").replace(data_file)
+    theta, log_flux, scalars = data["theta"], data["log_flux"], data["scalars"]
+    card.n_train, card.n_valid = n_train, n_valid
+    torch.manual_seed(seed)
+    emu = SpectrumEmulator(card)
+    fit_pca(emu, theta[:n_train], log_flux[:n_train], scalars[:n_train])
+    x_tr, x_va = (theta[:n_train] - emu.param_shift) / emu.param_scale, (theta[n_train:] - emu.param_shift) / emu.param_scale
+    y_all = _targets(emu, log_flux, scalars)
+    y_tr, y_va = y_all[:n_train], y_all[n_train:]
+    state_file, meta_file = ckpt / "state.safetensors", ckpt / "state.json"
+    meta = {"stage": 0, "epoch": 0, "best": float("inf"), "stale": 0}
+    best_state = {k: v.clone() for k, v in emu.state_dict().items()}
+    if state_file.exists() and meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        saved = load_file(str(state_file))
+        emu.load_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("curr.")})
+        best_state = {k[5:]: v for k, v in saved.items() if k.startswith("best.")}
+    for stage in range(meta["stage"], len(schedule)):
+        lr, batch = schedule[stage]
+        opt = torch.optim.Adam(emu.mlp.parameters(), lr=lr)
+        bar = tqdm(total=max_epochs, initial=meta["epoch"], disable=not progress, desc=f"stage {stage + 1}/{len(schedule)}")
+        while meta["epoch"] < max_epochs and meta["stale"] < patience:
+            # batches depend only on (seed, stage, epoch), so a resumed run sees what an uninterrupted one does
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + meta["epoch"])
+            perm = torch.randperm(n_train, generator=gen)
+            emu.mlp.train()
+            for i in range(0, n_train, batch):
+                idx = perm[i:i + batch]
+                loss = _loss(emu, emu.mlp(x_tr[idx]), y_tr[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            emu.mlp.eval()
+            with torch.no_grad():
+                val = float(_loss(emu, emu.mlp(x_va), y_va))
+            meta["epoch"] += 1
+            if val < meta["best"]:
+                meta["best"], meta["stale"] = val, 0
+                best_state = {k: v.clone() for k, v in emu.state_dict().items()}
+            else:
+                meta["stale"] += 1
+            _checkpoint(emu, best_state, meta, state_file, meta_file)
+            bar.set_postfix(val=f"{val:.2e}", best=f"{meta['best']:.2e}")
+            bar.update(1)
+        bar.close()
+        emu.load_state_dict(best_state)  # next stage starts from the best so far
+        meta.update(stage=stage + 1, epoch=0, stale=0)
+        _checkpoint(emu, best_state, meta, state_file, meta_file)
+    emu.load_state_dict(best_state)
+    with torch.no_grad():
+        pred, sc = emu(theta[n_train:], check=False)
+    err = fractional_errors(pred, log_flux[n_train:])
+    card.accuracy = accuracy_summary(err, np.asarray(card.wave))
+    card.accuracy["scalars_max_abs"] = float((sc - scalars[n_train:]).abs().max()) if sc.numel() else 0.0
+    emu.save(out)
+    return emu
+
+
+def _loss(emu: SpectrumEmulator, pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error of the log spectrum (natural log, i.e. ~fractional flux error)
+    over pixels, plus that of the scalars: PCA components weigh by what they carry."""
+    k = emu.card.n_components
+    d = (pred - target) * emu.out_scale
+    dlog = (d[:, :k] @ emu.basis) * emu.log_sd
+    loss = torch.mean(dlog**2)
+    if d.shape[1] > k:
+        loss = loss + torch.mean(d[:, k:] ** 2)
+    return loss
+
+
+def _checkpoint(emu, best_state, meta, state_file: Path, meta_file: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"curr.{k}": v.detach().contiguous() for k, v in emu.state_dict().items()}
+    tensors.update({f"best.{k}": v.detach().contiguous() for k, v in best_state.items()})
+    save_file(tensors, str(state_file.with_suffix(".tmp")))
+    state_file.with_suffix(".tmp").replace(state_file)
+    meta_file.write_text(json.dumps(meta))
+
+
+def accuracy_summary(frac_err: np.ndarray, wave: np.ndarray,
+                     chunks: tuple[float, ...] = (1000, 2000, 4000, 7000, 10000, 30000, 60000)) -> dict:
+    """Median and 99th percentile of |delta f / f| overall and per wavelength chunk (Angstrom)."""
+    summary = {"median_abs_frac": float(np.median(frac_err)), "p99_abs_frac": float(np.percentile(frac_err, 99))}
+    for lo, hi in zip(chunks[:-1], chunks[1:]):
+        sel = (wave >= lo) & (wave < hi)
+        if sel.any():
+            e = frac_err[:, sel]
+            summary[f"{lo:.0f}-{hi:.0f}A"] = {"median": float(np.median(e)), "p99": float(np.percentile(e, 99))}
+    return summary

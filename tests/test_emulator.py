@@ -1,0 +1,137 @@
+"""Emulator: a small one trained in CI on the exact BC03 synthesis beats a stated floor;
+files load without pickle, checksums and ranges are enforced; training resumes."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from sedppl.dust import calzetti, transmission
+from sedppl.emulator import EmulatorCard, SpectrumEmulator, fractional_errors
+from sedppl.emulator_training import simulate, train_emulator
+from sedppl.sps.grid import log_wave_grid, rebin_grid
+from sedppl.sps.synthesis import StellarSynthesis
+
+NAMES = ["age_gyr", "log_tau_gyr", "log_z", "av"]
+LOW, HIGH = [2.0, -1.0, -1.0, 0.0], [12.0, 1.0, 0.3, 1.5]
+N_BINS = 24
+
+
+@pytest.fixture(scope="module")
+def simulator(grid):
+    """Delayed-tau SFH (age, tau), constant Z, Calzetti dust: rest 2000-10000 A, per Msun formed;
+    scalar output: log10 surviving mass fraction."""
+    wave = log_wave_grid(2000.0, 10000.0, 2e-3)
+    synth = StellarSynthesis(rebin_grid(grid, wave))
+    w = torch.from_numpy(wave)
+
+    def run(theta):
+        age, log_tau, logz, av = theta.T
+        u = torch.linspace(0, 1, N_BINS + 1)
+        edges = age[:, None] * u  # Gyr of lookback time, 0 .. age
+        t = age[:, None] - 0.5 * (edges[:, 1:] + edges[:, :-1])  # time since the start, Gyr
+        sfr = t * torch.exp(-t / 10 ** log_tau[:, None])
+        mass = sfr * torch.diff(edges) / (sfr * torch.diff(edges)).sum(-1, keepdim=True)
+        pop = synth(mass, edges, logz[:, None].expand(-1, N_BINS))
+        flux = (pop.young + pop.old) * transmission(calzetti(w.float(), av))
+        return torch.log(flux), torch.log10(pop.surviving_mass)[:, None]
+
+    return wave, run
+
+
+def prior(n, gen):
+    lo, hi = torch.tensor(LOW), torch.tensor(HIGH)
+    return lo + (hi - lo) * torch.rand(n, 4, generator=gen)
+
+
+def card_for(wave, **kw):
+    return EmulatorCard(param_names=NAMES, param_low=LOW, param_high=HIGH, wave=wave.tolist(), air=False,
+                        flux_unit="Lsun/A per Msun formed", scalar_names=["log_surviving_fraction"], **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(simulator, tmp_path_factory):
+    wave, run = simulator
+    path = tmp_path_factory.mktemp("emu") / "tiny"
+    emu = train_emulator(run, prior, card_for(wave, n_components=24, hidden=[128, 128]), path, n_train=6000,
+                         n_valid=500, seed=0, schedule=((3e-3, 128), (1e-3, 256), (3e-4, 512)), patience=15, max_epochs=150,
+                         progress=False)
+    return emu, path
+
+
+def test_tiny_emulator_beats_floor(simulator, trained):
+    """Held-out draws (new seed): median |df/f| < 1% and 99th percentile < 10%, surviving
+    fraction within 0.01 dex (measured 2026-11-25: 0.60%, 7.1%, 0.0023 dex). These floors are
+    for a 6,000-spectrum, ~30-second CI training;
+    the shipped emulators are held to 0.1% / 1% (issue 4)."""
+    wave, run = simulator
+    emu, _ = trained
+    theta = prior(1000, torch.Generator().manual_seed(99))
+    exact_log, exact_sc = simulate(run, theta, progress=False)
+    with torch.no_grad():
+        log_spec, sc = emu(theta)
+    err = fractional_errors(log_spec, exact_log)
+    print(f"tiny emulator: median {np.median(err):.4f}, p99 {np.percentile(err, 99):.4f}, "
+          f"surviving fraction max {float((sc - exact_sc).abs().max()):.4f} dex; card {emu.card.accuracy}")
+    assert np.median(err) < 0.01, np.median(err)
+    assert np.percentile(err, 99) < 0.10, np.percentile(err, 99)
+    assert float((sc - exact_sc).abs().max()) < 0.01
+    # the card records validation accuracy consistent with this
+    assert emu.card.accuracy["median_abs_frac"] < 0.01
+
+
+def test_emulator_gradients_and_batching(trained):
+    emu, _ = trained
+    theta = prior(5, torch.Generator().manual_seed(1)).requires_grad_()
+    log_spec, sc = emu(theta)
+    (log_spec.sum() + sc.sum()).backward()
+    assert torch.isfinite(theta.grad).all() and theta.grad.abs().sum() > 0
+    one = torch.stack([emu(t[None])[0][0] for t in theta.detach()])
+    torch.testing.assert_close(one, emu(theta.detach())[0], rtol=1e-5, atol=1e-5)
+
+
+def test_load_roundtrip_checksum_and_range(trained):
+    emu, path = trained
+    loaded = SpectrumEmulator.load(path)
+    theta = prior(3, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(loaded(theta)[0], emu(theta)[0])
+    with pytest.warns(UserWarning, match="outside the trained range.*age_gyr"):
+        loaded(torch.tensor([[13.5, 0.0, 0.0, 0.5]]))
+    with pytest.raises(ValueError, match="NaN"):
+        loaded(torch.tensor([[5.0, float("nan"), 0.0, 0.5]]))
+    with pytest.raises(ValueError, match="4 parameters"):
+        loaded(torch.zeros(1, 3))
+    # tampered weights fail the card's checksum
+    sf = path.with_suffix(".safetensors")
+    blob = bytearray(sf.read_bytes())
+    blob[-1] ^= 0xFF
+    bad = path.parent / "bad.safetensors"
+    bad.write_bytes(bytes(blob))
+    bad.with_suffix(".json").write_text(path.with_suffix(".json").read_text())
+    with pytest.raises(ValueError, match="checksum"):
+        SpectrumEmulator.load(bad)
+    card = json.loads(path.with_suffix(".json").read_text())
+    card["version"] = 99
+    bad.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="version"):
+        SpectrumEmulator.load(bad)
+
+
+def test_training_resumes(simulator, tmp_path):
+    """A run stopped after its first stage resumes from the checkpoint and ends like one
+    uninterrupted run (same data, same seed)."""
+    wave, run = simulator
+    kw = dict(n_train=600, n_valid=100, seed=3, patience=3, max_epochs=5, progress=False)
+    card = lambda: card_for(wave, n_components=8, hidden=[16])  # noqa: E731
+    full = train_emulator(run, prior, card(), tmp_path / "full", schedule=((1e-3, 64), (3e-4, 128)), **kw)
+    # interrupted: only the first stage, then the full schedule on the same path
+    train_emulator(run, prior, card(), tmp_path / "part", schedule=((1e-3, 64),), **kw)
+    state = json.loads((tmp_path / "part.ckpt" / "state.json").read_text())
+    assert state["stage"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = train_emulator(run, prior, card(), tmp_path / "part", schedule=((1e-3, 64), (3e-4, 128)), **kw)
+    theta = prior(50, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(resumed(theta)[0], full(theta)[0], rtol=1e-4, atol=1e-4)
