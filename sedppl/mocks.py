@@ -62,7 +62,8 @@ def make_mocks(model, n: int, seed: int, redshift: float | Tensor | None = 0.1,
     run = model if site_values is None else poutine.condition(model, data=site_values)
     tr = poutine.trace(run).get_trace(n_galaxies=n, redshift=redshift)
     truth = {name: site["value"].detach() for name, site in tr.nodes.items()
-             if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)}
+             if site["type"] == "sample" and not site_is_subsample(site)
+             and (not site["is_observed"] or site["infer"].get("_deterministic", False))}
     gen = torch.Generator().manual_seed(seed + 7919)
     spec = phot = None
     kw = {}
