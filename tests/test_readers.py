@@ -6,7 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sedppl.readers import SpectrumFileError, read_sdss_spectrum
+import torch
+
+from sedppl.readers import SpectrumFileError, read_desi_coadd, read_sdss_spectrum
+from sedppl.zoo import DESI_WAVE
 
 ppxf = importlib.util.find_spec("ppxf")
 SPECTRA = Path(ppxf.origin).parent / "spectra" if ppxf else None
@@ -75,3 +78,57 @@ def test_broken_files(tmp_path):
         read_sdss_spectrum(other)
     with pytest.raises(FileNotFoundError):
         read_sdss_spectrum(tmp_path / "missing.fits")
+
+
+specutils = importlib.util.find_spec("specutils")
+DESI = Path(specutils.origin).parent / "io/default_loaders/tests/desi_test_data" if specutils else None
+needs_desi = pytest.mark.skipif(specutils is None, reason="specutils (test extra) ships DESI coadds")
+
+
+@needs_desi
+@pytest.mark.parametrize("fname, n, photsys", [("coadd-sv3-dark-26065.fits", 2, "S"),
+                                               ("coadd-5-169-thru20210419.fits", 1, "N")])
+def test_desi_coadd(fname, n, photsys):
+    with pytest.warns(UserWarning, match="skipped"):  # these test files keep empty fibres
+        spec = read_desi_coadd(DESI / fname)
+    obs = spec.obs
+    # the three arms merged on DESI's 0.8 A lattice: 3600-9824 A, the zoo's default grid
+    np.testing.assert_allclose(obs.wave.numpy(), DESI_WAVE, atol=1e-6)
+    assert obs.flux.shape == (n, len(DESI_WAVE)) and obs.resolution.shape == (n, 11, len(DESI_WAVE))
+    assert obs.redshift is None  # coadd files carry no redshift
+    # each resolution kernel (a column of the DIA data) is normalised: median sum within 1%
+    # of 1 (individual pixels scatter by a few %); FWHM 1.3-2.2 A (R ~ 2000-5500)
+    sums = obs.resolution.sum(1)[obs.ivar > 0]
+    assert abs(float(sums.median()) - 1) < 0.01
+    assert 1.3 < np.median(spec.fwhm) < 2.2
+    assert set(spec.meta["photsys"]) == {photsys}
+    assert obs.bands[0] == ("decam_g" if photsys == "S" else "bass_g")
+    # a spectrum in the overlap of B and R (5700-5900 A) equals the ivar-weighted mean of the arms
+    from astropy.io import fits
+
+    with fits.open(DESI / fname) as h:
+        row = list(h["FIBERMAP"].data["TARGETID"]).index(spec.meta["targetid"][0])
+        wb, wr = h["B_WAVELENGTH"].data, h["R_WAVELENGTH"].data
+        k = np.argmin(np.abs(wb - 5790.0))
+        j = np.argmin(np.abs(wr - wb[k]))
+        fb, ib = h["B_FLUX"].data[row, k], h["B_IVAR"].data[row, k]
+        fr, ir = h["R_FLUX"].data[row, j], h["R_IVAR"].data[row, j]
+    i = int(np.argmin(np.abs(obs.wave.numpy() - wb[k])))
+    np.testing.assert_allclose(float(obs.flux[0, i]), (fb * ib + fr * ir) / (ib + ir), rtol=1e-5)
+    np.testing.assert_allclose(float(obs.ivar[0, i]), ib + ir, rtol=1e-5)
+
+
+@needs_desi
+def test_desi_targets_and_errors(tmp_path):
+    spec = read_desi_coadd(DESI / "coadd-sv3-dark-26065.fits", targets=[39627866878514741])
+    assert spec.meta["targetid"] == [39627866878514741] and spec.obs.flux.shape[0] == 1
+    with pytest.raises(SpectrumFileError, match="not in the file"):
+        read_desi_coadd(DESI / "coadd-sv3-dark-26065.fits", targets=[123])
+    with pytest.raises(SpectrumFileError, match="no unmasked pixel"):
+        read_desi_coadd(DESI / "coadd-sv3-dark-26065.fits", targets=[-2713437])
+    with pytest.raises(SpectrumFileError, match="not a DESI coadd"):
+        read_desi_coadd(SPECTRA / "NGC3522_SDSS_DR18.fits")
+    trunc = tmp_path / "cut.fits"
+    trunc.write_bytes((DESI / "coadd-sv3-dark-26065.fits").read_bytes()[:500_000])
+    with pytest.raises(SpectrumFileError, match="cut.fits"):
+        read_desi_coadd(trunc)
