@@ -131,8 +131,9 @@ def run_nuts(model: Callable, *args, num_samples: int = 500, warmup_steps: int =
         max_tree_depth, target_accept_prob: NUTS settings.
         full_mass: Adapt a dense mass matrix (the parameters of an SED fit are strongly
             correlated: mass, age, dust, metallicity); False for a diagonal one.
-        jit_compile: Trace the potential with TorchScript (1.6-2.6x faster gradients
-            for the zoo models; turn off for models with data-dependent Python control flow).
+        jit_compile: Trace the potential with TorchScript (1.0-2.3x faster gradients
+            for the zoo models once warm, benchmarks/RESULTS.md; turn off for models with
+            data-dependent Python control flow).
         laplace: With ``full_mass``, start the mass matrix at the Laplace approximation at
             ``init`` (:func:`laplace_inverse_mass`) rather than the identity; warmup then
             begins with short trajectories even when the posterior is narrow and correlated.
