@@ -1,6 +1,8 @@
 """The ``sedppl`` command line.
 
     sedppl demo [--out DIR] [--z Z] [--seed N]   model a DESI-like mock galaxy from built-in data
+    sedppl simulate --model {specphot,phot} [--n N] [--z Z] [--snr S] [--seed N] [--out FILE]
+                                                 mock observations from a zoo model's prior
     sedppl info                                  the SSP grid and filters sedppl can use
 
 Exit codes: 0 success, 2 bad arguments or input (with a message naming the problem).
@@ -80,6 +82,27 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from .mocks import make_mocks, write_mocks
+    from .zoo import PhotometryModel, SpecPhotModel
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.snr <= 0 or args.snr_photometry <= 0:
+        raise ValueError("signal-to-noise ratios must be > 0")
+    model = SpecPhotModel() if args.model == "specphot" else PhotometryModel()
+    lo, hi = model.forward_model.z_range
+    if args.z is not None and not lo <= args.z <= hi:
+        raise ValueError(f"--z {args.z} is outside the model's range {lo}-{hi}")
+    t0 = time.time()
+    mock = make_mocks(model, args.n, seed=args.seed, redshift=args.z, snr_spectrum=args.snr,
+                      snr_photometry=args.snr_photometry)
+    out = write_mocks(mock, args.out, model_name=args.model)
+    print(f"wrote {args.n} mock galaxies ({args.model}, z = {'sampled' if args.z is None else args.z}) "
+          f"to {out} in {time.time() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sedppl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--z", type=float, default=0.1, help="redshift, 0.01-0.6 (default 0.1)")
     d.add_argument("--seed", type=int, default=0, help="seed of the mock noise")
     d.set_defaults(func=_demo)
+    s = sub.add_parser("simulate", help="mock observations drawn from a zoo model's prior, to a FITS file")
+    s.add_argument("--model", choices=["specphot", "phot"], default="specphot",
+                   help="specphot: DESI-like spectrum + grzW1W2; phot: SDSS ugriz (default specphot)")
+    s.add_argument("--n", type=int, default=10, help="number of galaxies (default 10)")
+    s.add_argument("--z", type=float, default=None,
+                   help="redshift of all galaxies (then known to a fit); default: drawn from "
+                        "the model's prior and left for the fit to infer")
+    s.add_argument("--snr", type=float, default=3.0, help="median S/N per spectral pixel (default 3)")
+    s.add_argument("--snr-photometry", type=float, default=30.0, help="S/N per band (default 30)")
+    s.add_argument("--seed", type=int, default=0, help="seed of truths and noise")
+    s.add_argument("--out", default="mocks.fits", help="output FITS file (default mocks.fits)")
+    s.set_defaults(func=_simulate)
     i = sub.add_parser("info", help="the SSP grid and the filters available")
     i.set_defaults(func=_info)
     return p

@@ -9,6 +9,9 @@ mocks serve the recovery and calibration tests and the benchmarks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 import pyro
 import torch
@@ -104,3 +107,69 @@ def galaxy(mock: Mock, i: int) -> Mock:
 def _wave(model):
     fm = getattr(model, "forward_model", None)
     return None if fm is None else getattr(fm, "wave_obs", None)
+
+
+def write_mocks(mock: Mock, path: str | Path, model_name: str = "") -> Path:
+    """Write mocks to one FITS file, atomically.
+
+    HDUs: ``TRUTH`` (a row per galaxy: every latent and derived site; vector sites
+    as array columns), ``PHOTOMETRY`` (``flux``, ``ivar`` (N, K) nanomaggies, and the
+    noise-free ``model``; band names in the header as BAND0, BAND1, ...), and for
+    spectra ``WAVELENGTH`` (vacuum A), ``FLUX``, ``IVAR``, ``MODEL`` (1e-17 erg/s/cm^2/A).
+    Read back with :func:`read_mocks`.
+    """
+    from astropy.io import fits
+    from astropy.table import Table
+
+    path = Path(path)
+    obs = mock.obs
+    hdus = [fits.PrimaryHDU()]
+    hdus[0].header["MODEL"] = model_name
+    hdus[0].header["ZFIXED"] = (obs.redshift is not None, "redshift given to fits (else inferred)")
+    truth = Table({k: v.numpy() for k, v in mock.truth.items()})
+    if obs.redshift is not None and "redshift" not in truth.colnames:
+        truth["redshift"] = obs.redshift.numpy()
+    hdus.append(fits.table_to_hdu(truth))
+    hdus[-1].name = "TRUTH"
+    if obs.has_photometry:
+        ph = fits.table_to_hdu(Table({"flux": obs.band_flux.numpy(), "ivar": obs.band_ivar.numpy(),
+                                      "model": mock.photometry.numpy()}))
+        ph.name = "PHOTOMETRY"
+        for i, b in enumerate(obs.bands):
+            ph.header[f"BAND{i}"] = b
+        hdus.append(ph)
+    if obs.has_spectrum:
+        for name, arr in (("WAVELENGTH", obs.wave), ("FLUX", obs.flux), ("IVAR", obs.ivar), ("MODEL", mock.spectrum)):
+            hdus.append(fits.ImageHDU(arr.numpy(), name=name))
+    tmp = path.with_name(path.name + ".tmp")
+    fits.HDUList(hdus).writeto(tmp, overwrite=True)
+    tmp.replace(path)
+    return path
+
+
+def read_mocks(path: str | Path) -> Mock:
+    """Read mocks written by :func:`write_mocks`."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    with fits.open(path) as h:
+        names = {x.name for x in h}
+        if "TRUTH" not in names:
+            raise ValueError(f"{path}: not a sedppl mock file (no TRUTH HDU)")
+        truth_t = Table.read(h["TRUTH"])
+        native = (lambda a: torch.as_tensor(np.asarray(a).astype(np.asarray(a).dtype.newbyteorder("="))))  # noqa: E731
+        truth = {k: native(truth_t[k]) for k in truth_t.colnames}
+        kw: dict = {"redshift": truth.get("redshift") if h[0].header.get("ZFIXED", True) else None}
+        spec = phot = None
+        if "PHOTOMETRY" in names:
+            ph = h["PHOTOMETRY"]
+            t = Table.read(ph)
+            n_band = t["flux"].shape[1]
+            kw.update(bands=[ph.header[f"BAND{i}"] for i in range(n_band)], band_flux=np.asarray(t["flux"]).astype(np.float32),
+                      band_ivar=np.asarray(t["ivar"]).astype(np.float32))
+            phot = native(t["model"])
+        if "FLUX" in names:
+            kw.update(wave=np.asarray(h["WAVELENGTH"].data, dtype=np.float64), flux=np.asarray(h["FLUX"].data).astype(np.float32),
+                      ivar=np.asarray(h["IVAR"].data).astype(np.float32))
+            spec = native(h["MODEL"].data)
+    return Mock(obs=Observation(**kw), truth=truth, spectrum=spec, photometry=phot)

@@ -33,3 +33,27 @@ def test_bad_redshift_exit_code(tmp_path):
 def test_info():
     r = run("info")
     assert r.returncode == 0 and "BC03+MILES" in r.stdout and "sdss2010-r" in r.stdout
+
+
+def test_simulate_writes_mocks_that_read_back(tmp_path):
+    from sedppl.mocks import read_mocks
+
+    out = tmp_path / "m.fits"
+    r = run("simulate", "--model", "phot", "--n", "6", "--snr-photometry", "25", "--seed", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    mock = read_mocks(out)
+    assert mock.obs.band_flux.shape == (6, 5) and mock.obs.bands[0] == "sdss_u"
+    # redshift drawn from the prior (0.01-0.2) and left free for the fit
+    assert mock.obs.redshift is None and bool(((mock.truth["redshift"] > 0.01) & (mock.truth["redshift"] < 0.2)).all())
+    # S/N per band is the requested 25
+    snr = (mock.photometry * mock.obs.band_ivar.sqrt()).numpy()
+    np.testing.assert_allclose(snr, 25.0, rtol=1e-4)
+    assert {"log_mass", "log_stellar_mass", "sfr_100myr", "tau_ism"} <= set(mock.truth)
+    assert not (tmp_path / "m.fits.tmp").exists()
+
+
+def test_simulate_bad_arguments(tmp_path):
+    r = run("simulate", "--model", "phot", "--z", "0.5", "--out", str(tmp_path / "x.fits"))
+    assert r.returncode == 2 and "outside the model's range" in r.stderr
+    r = run("simulate", "--n", "0", "--out", str(tmp_path / "x.fits"))
+    assert r.returncode == 2 and "--n" in r.stderr
