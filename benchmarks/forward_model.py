@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from sedppl.cli import DESI_BANDS, DESI_WAVE
+from sedppl.surveys import DESI_BANDS, DESI_WAVE
 
 
 def galaxies(n: int, cosmology, seed: int = 0):

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-#: DESI's coadded wavelength grid: 3600-9824 A in 0.8 A steps (vacuum).
-DESI_WAVE = np.arange(3600.0, 9824.0 + 0.4, 0.8)
-DESI_BANDS = ["decam_g", "decam_r", "decam_z", "wise_w1", "wise_w2"]
+from .surveys import DESI_BANDS, DESI_WAVE
 
 
 def _demo(args: argparse.Namespace) -> int:

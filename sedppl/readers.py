@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 
 from .data import Observation
+from .surveys import DESI_BANDS, DESI_BANDS_NORTH
 
 SDSS_DLOGLAM = 1e-4  # SDSS/BOSS pixel size in log10(wavelength)
 
@@ -125,8 +126,6 @@ def read_sdss_spectrum(path: str | Path, mask_bits: bool = True, name: str | Non
     return SurveySpectrum(obs=obs, fwhm=fwhm, meta=meta)
 
 
-DESI_BANDS_SOUTH = ["decam_g", "decam_r", "decam_z", "wise_w1", "wise_w2"]
-DESI_BANDS_NORTH = ["bass_g", "bass_r", "mzls_z", "wise_w1", "wise_w2"]
 _DESI_FLUX_COLUMNS = ["G", "R", "Z", "W1", "W2"]
 
 
@@ -192,7 +191,7 @@ def read_desi_coadd(path: str | Path, targets: list[int] | None = None) -> Surve
         if len(systems) > 1:
             raise SpectrumFileError(f"{path}: targets from both photometric systems {sorted(systems)}; "
                                     "read north and south targets separately with targets=[...]")
-        bands = DESI_BANDS_NORTH if systems == {"N"} else DESI_BANDS_SOUTH
+        bands = list(DESI_BANDS_NORTH if systems == {"N"} else DESI_BANDS)
         cols = fm.columns.names
         band_flux = np.stack([np.asarray(fm[f"FLUX_{b}"], dtype=np.float64)[rows] if f"FLUX_{b}" in cols
                               else np.zeros(len(rows)) for b in _DESI_FLUX_COLUMNS], -1)

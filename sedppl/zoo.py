@@ -34,9 +34,7 @@ from .noise import observe_photometry, observe_spectrum
 from .sfh import continuity_sfh, mass_weighted_age, sfr_averaged
 from .zh import smooth_zh
 
-DESI_WAVE = np.arange(3600.0, 9824.0 + 0.4, 0.8)
-DESI_BANDS = ["decam_g", "decam_r", "decam_z", "wise_w1", "wise_w2"]
-SDSS_BANDS = ["sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z"]
+from .surveys import DESI_BANDS, DESI_WAVE, SDSS_BANDS  # noqa: F401 (re-exported)
 
 
 def record_derived(out, mass: Tensor, edges: Tensor, logz: Tensor) -> None:
