@@ -26,7 +26,7 @@ from typing import Callable
 import pyro
 import torch
 from pyro.infer import MCMC, NUTS, Predictive
-from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
+from pyro.infer.autoguide.initialization import init_to_value
 
 
 class _CountingNUTS(NUTS):
@@ -56,6 +56,42 @@ def deterministic_sites(model: Callable, *args, **kwargs) -> set[str]:
             if site["type"] == "sample" and site["infer"].get("_deterministic", False)}
 
 
+class _FlatPotential:
+    """A model's potential energy (Pyro's ``initialize_model``) as a function of one flat
+    vector of unconstrained values, sites in sorted order (as Pyro's dense mass matrix)."""
+
+    def __init__(self, model: Callable, args, kwargs, jit_compile: bool):
+        import pyro.infer.mcmc.util as mcmc_util
+
+        self.model, self.args, self.kwargs = model, args, kwargs
+        params, self.fn, self.transforms, _ = mcmc_util.initialize_model(
+            model, model_args=args, model_kwargs=kwargs, jit_compile=jit_compile, skip_jit_warnings=True)
+        self.names = sorted(params)
+        self.shapes = {k: params[k].shape for k in self.names}
+        self.dtypes = {k: params[k].dtype for k in self.names}
+        self.sizes = [params[k].numel() for k in self.names]
+
+    def flatten(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Flat unconstrained vector from constrained {site: value}."""
+        u = [self.transforms[k](values[k]) if k in self.transforms else values[k] for k in self.names]
+        return torch.cat([v.detach().reshape(-1) for v in u])
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{site: unconstrained value} from a flat vector (what the potential takes)."""
+        return {k: p.reshape(self.shapes[k]).to(self.dtypes[k])
+                for k, p in zip(self.names, torch.split(flat, self.sizes))}
+
+    def constrained(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{site: constrained value} from a flat vector."""
+        return {k: (self.transforms[k].inv(v) if k in self.transforms else v).detach()
+                for k, v in self.unflatten(flat).items()}
+
+    def prior_draw(self) -> torch.Tensor:
+        """A flat unconstrained point drawn from the prior (a random start)."""
+        tr = pyro.poutine.trace(self.model).get_trace(*self.args, **self.kwargs)
+        return self.flatten({k: tr.nodes[k]["value"] for k in self.names})
+
+
 def find_map(model: Callable, *args, steps: int = 200, restarts: int = 4, jit_compile: bool = True,
              **kwargs) -> dict[str, torch.Tensor]:
     """Posterior mode in NUTS's unconstrained coordinates, best of several restarts.
@@ -68,32 +104,21 @@ def find_map(model: Callable, *args, steps: int = 200, restarts: int = 4, jit_co
         model: The Pyro program; ``args``/``kwargs`` are passed to it.
         steps: L-BFGS iterations per restart.
         restarts: Random starts drawn from the prior.
-        jit_compile: Trace the potential with TorchScript.
+        jit_compile: Trace the potential with TorchScript (once, for every restart).
 
     Returns:
         {site name: constrained value} at the lowest potential found.
     """
-    import pyro.infer.mcmc.util as mcmc_util
-
+    pot = _FlatPotential(model, args, kwargs, jit_compile)
     best, best_u = None, float("inf")
     for _ in range(restarts):
-        params, potential_fn, transforms, _ = mcmc_util.initialize_model(
-            model, model_args=args, model_kwargs=kwargs, jit_compile=jit_compile, skip_jit_warnings=True,
-            init_strategy=init_to_sample)
-        names = sorted(params)
-        sizes = [params[k].numel() for k in names]
-        x = torch.cat([params[k].detach().reshape(-1) for k in names]).double().requires_grad_()
-
-        def unflatten(flat):
-            return {k: p.reshape(params[k].shape).to(params[k].dtype)
-                    for k, p in zip(names, torch.split(flat, sizes))}
-
+        x = pot.prior_draw().double().requires_grad_()
         opt = torch.optim.LBFGS([x], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-6, tolerance_change=1e-10, history_size=20)
 
         def closure():
             opt.zero_grad()
-            u = potential_fn(unflatten(x))
+            u = pot.fn(pot.unflatten(x))
             if not torch.isfinite(u):
                 u = torch.full((), 1e30, dtype=x.dtype, requires_grad=True) + 0 * x.sum()
             u.backward()
@@ -103,11 +128,9 @@ def find_map(model: Callable, *args, steps: int = 200, restarts: int = 4, jit_co
             warnings.simplefilter("ignore")
             opt.step(closure)
         with torch.no_grad():
-            u = float(potential_fn(unflatten(x)))
+            u = float(pot.fn(pot.unflatten(x)))
         if u < best_u:
-            best_u = u
-            best = {k: transforms[k].inv(v).detach() if k in transforms else v.detach()
-                    for k, v in unflatten(x.detach()).items()}
+            best_u, best = u, pot.constrained(x.detach())
     if best is None:
         raise RuntimeError("no finite posterior density found from any start; check the observation")
     return best
@@ -187,19 +210,14 @@ def laplace_inverse_mass(model: Callable, values: dict[str, torch.Tensor], *args
     Returns:
         (d, d) float64 matrix: the Laplace approximation's covariance.
     """
-    import pyro.infer.mcmc.util as mcmc_util
     from pyro.ops.integrator import potential_grad
 
-    _, potential_fn, transforms, _ = mcmc_util.initialize_model(model, model_args=args, model_kwargs=kwargs)
-    names = sorted(values)
-    u = {k: transforms[k](values[k]).detach() if k in transforms else values[k].detach() for k in names}
-    sizes = [u[k].numel() for k in names]
-    flat = torch.cat([u[k].reshape(-1) for k in names])
+    pot = _FlatPotential(model, args, kwargs, jit_compile=False)
+    flat = pot.flatten(values)
 
     def grad_at(x):
-        parts = dict(zip(names, [p.reshape(u[k].shape) for p, k in zip(torch.split(x, sizes), names)]))
-        g, _ = potential_grad(potential_fn, parts)
-        return torch.cat([g[k].reshape(-1) for k in names]).double()
+        g, _ = potential_grad(pot.fn, pot.unflatten(x))
+        return torch.cat([g[k].reshape(-1) for k in pot.names]).double()
 
     d = flat.numel()
     hess = torch.zeros(d, d, dtype=torch.float64)
