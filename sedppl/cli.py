@@ -3,9 +3,14 @@
     sedppl demo [--out DIR] [--z Z] [--seed N]   model a DESI-like mock galaxy from built-in data
     sedppl simulate --model {specphot,phot} [--n N] [--z Z] [--snr S] [--seed N] [--out FILE]
                                                  mock observations from a zoo model's prior
+    sedppl train posterior --model {phot,specphot} [--n-sims N] [--max-epochs E] [--out FILE]
+                                                 train (or resume) an amortized posterior, then calibrate it
+    sedppl fit INPUT [--method npe] [--model phot] [--posterior FILE] [--out DIR]
+                                                 posteriors for every galaxy of a mock file or catalog
     sedppl info                                  the SSP grid and filters sedppl can use
 
-Exit codes: 0 success, 2 bad arguments or input (with a message naming the problem).
+Exit codes: 0 success, 2 bad arguments or input (with a message naming the problem),
+3 success, but some galaxies lie outside the posterior's training distribution.
 """
 
 from __future__ import annotations
@@ -101,6 +106,101 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zoo_model(name: str):
+    from .zoo import PhotometryModel, SpecPhotModel
+
+    return SpecPhotModel() if name == "specphot" else PhotometryModel()
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .infer.npe_calibration import calibrate
+    from .infer.npe_training import train_npe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.n_sims < 100 or args.n_calibration < 10:
+        raise ValueError("--n-sims must be >= 100 and --n-calibration >= 10")
+    model = _zoo_model(args.model)
+    name = {"phot": "PhotometryModel", "specphot": "SpecPhotModel"}[args.model]
+    t0 = time.time()
+    post = train_npe(model, args.out, n_sims=args.n_sims, n_valid=max(100, args.n_sims // 20), model_name=name,
+                     seed=args.seed, max_epochs=args.max_epochs, patience=args.patience, progress=True)
+    print(f"[sedppl] trained in {time.time() - t0:.0f} s: {post.card.epochs} epochs, "
+          f"validation loss {post.card.valid_loss:.3f}")
+    if args.n_calibration:
+        t1 = time.time()
+        post.card.calibration = calibrate(post, n_sims=args.n_calibration, progress=True)
+        post.card.calibration["seconds"] = round(time.time() - t1, 1)
+        post.save(args.out)
+        cal = post.card.calibration
+        print(f"[sedppl] calibration on {cal['n_sims']} held-out simulations: largest coverage error "
+              f"{cal['max_coverage_error']:.3f} (HPD and TARP, levels 0.05-0.95); smallest SBC p-value "
+              f"{cal['min_sbc_pvalue']:.3g}")
+    print(f"[sedppl] wrote {Path(args.out).with_suffix('.safetensors')} and its card "
+          f"{Path(args.out).with_suffix('.json')}")
+    return 0
+
+
+def _read_input(args: argparse.Namespace):
+    """An Observation from a sedppl mock file or a photometry catalog."""
+    from astropy.io import fits
+
+    from .catalogs import read_photometry_catalog
+    from .mocks import read_mocks
+
+    path = Path(args.input)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if args.bands is None:
+        try:
+            with fits.open(path) as h:
+                is_mock = "TRUTH" in {x.name for x in h}
+        except Exception:
+            is_mock = False
+        if not is_mock:
+            raise ValueError(f"{path} is not a sedppl mock file; for a catalog give --bands, --flux-columns and "
+                             "--error-columns (and --z-column)")
+        return read_mocks(path).obs
+    split = (lambda v: [c.strip() for c in v.split(",")] if v else None)  # noqa: E731
+    return read_photometry_catalog(path, split(args.bands), split(args.flux_columns) or [],
+                                   split(args.error_columns) or [], unit=args.unit,
+                                   redshift_column=args.z_column, id_column=args.id_column)
+
+
+def _fit(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .fitting import fit_catalog
+    from .infer.npe import NeuralPosterior
+    from .posteriors import load_shipped
+
+    if args.method != "npe":
+        raise ValueError("sedppl fit supports --method npe for now; run NUTS from Python "
+                         "(sedppl.infer.nuts.run_nuts), see docs/models.md")
+    if args.draws < 10 or args.chunk < 1:
+        raise ValueError("--draws must be >= 10 and --chunk >= 1")
+    obs = _read_input(args)
+    post = (NeuralPosterior.load(args.posterior, _zoo_model(args.model)) if args.posterior
+            else load_shipped(args.model))
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*outside the posterior's training distribution.*")
+        table = fit_catalog(obs, post, args.out, chunk=args.chunk, num_samples=args.draws, seed=args.seed,
+                            save_draws=not args.no_draws)
+    n_ood = int(table["ood"].sum())
+    print(f"[sedppl] {len(table)} galaxies fitted in {time.time() - t0:.1f} s ({args.draws} draws each); "
+          f"median chi2/dof {np.nanmedian(table['chi2_dof']):.2f}; wrote {Path(args.out) / 'summary.ecsv'}")
+    if n_ood:
+        print(f"[sedppl] {n_ood} galaxies lie outside the posterior's training distribution (column 'ood'); "
+              "check them with NUTS", file=sys.stderr)
+        return 3
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sedppl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,6 +222,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of truths and noise")
     s.add_argument("--out", default="mocks.fits", help="output FITS file (default mocks.fits)")
     s.set_defaults(func=_simulate)
+    t = sub.add_parser("train", help="train an amortized posterior for a zoo model (resumes if interrupted)")
+    t.add_argument("what", choices=["posterior"], help="what to train")
+    t.add_argument("--model", choices=["phot", "specphot"], default="phot",
+                   help="phot: SDSS ugriz (SEDflow-like); specphot: DESI-like spectrum + grzW1W2")
+    t.add_argument("--n-sims", type=int, default=100_000, help="prior-predictive simulations (default 100000)")
+    t.add_argument("--max-epochs", type=int, default=200, help="epoch cap (default 200)")
+    t.add_argument("--patience", type=int, default=15, help="epochs without improvement before stopping")
+    t.add_argument("--n-calibration", type=int, default=1000,
+                   help="held-out simulations for the calibration figures on the card (0: skip)")
+    t.add_argument("--seed", type=int, default=0, help="seed of simulations, noise and initialisation")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    t.add_argument("--out", default="posterior.safetensors", help="output weights (+ .json card)")
+    t.set_defaults(func=_train)
+    f = sub.add_parser("fit", help="posteriors for every galaxy of a mock file or photometry catalog (resumable)")
+    f.add_argument("input", help="a file from `sedppl simulate`, or a photometry catalog (FITS/ECSV/CSV)")
+    f.add_argument("--method", choices=["npe", "nuts"], default="npe", help="npe: amortized posterior (default)")
+    f.add_argument("--model", choices=["phot", "specphot"], default="phot", help="zoo model (default phot)")
+    f.add_argument("--posterior", default=None, help="a trained posterior (.safetensors); default: the shipped one")
+    f.add_argument("--out", default="fit", help="output folder (default fit); a rerun resumes")
+    f.add_argument("--draws", type=int, default=1000, help="posterior draws per galaxy (default 1000)")
+    f.add_argument("--chunk", type=int, default=500, help="galaxies per checkpointed chunk (default 500)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    f.add_argument("--no-draws", action="store_true", help="write the summary table only, not the NetCDF draws")
+    f.add_argument("--bands", default=None, help="catalog: comma-separated filters, e.g. sdss_u,sdss_g,...")
+    f.add_argument("--flux-columns", default=None, help="catalog: comma-separated flux (or magnitude) columns")
+    f.add_argument("--error-columns", default=None, help="catalog: comma-separated error columns")
+    f.add_argument("--unit", default="nanomaggies", help="catalog: nanomaggies, microjansky or ab_mag")
+    f.add_argument("--z-column", default=None, help="catalog: redshift column")
+    f.add_argument("--id-column", default=None, help="catalog: galaxy name column")
+    f.set_defaults(func=_fit)
     i = sub.add_parser("info", help="the SSP grid and the filters available")
     i.set_defaults(func=_info)
     return p

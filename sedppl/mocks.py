@@ -20,6 +20,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from .data import Observation
+from .noise import site_mean
 
 
 @dataclass
@@ -71,12 +72,12 @@ def make_mocks(model, n: int, seed: int, redshift: float | Tensor | None = 0.1,
     spec = phot = None
     kw = {}
     if "spectrum" in tr.nodes:
-        spec = _mean(tr.nodes["spectrum"])
+        spec = site_mean(tr.nodes["spectrum"])
         sigma = spec.median(-1, keepdim=True).values.abs() / snr_spectrum
         ivar = (1 / sigma**2).expand_as(spec).clone()
         kw.update(wave=_wave(model), flux=spec + sigma * torch.randn(spec.shape, generator=gen), ivar=ivar)
     if "photometry" in tr.nodes:
-        phot = _mean(tr.nodes["photometry"])
+        phot = site_mean(tr.nodes["photometry"])
         sigma = phot.abs() / snr_photometry
         kw.update(bands=list(model.bands), band_flux=phot + sigma * torch.randn(phot.shape, generator=gen),
                   band_ivar=1 / sigma**2)
@@ -85,13 +86,6 @@ def make_mocks(model, n: int, seed: int, redshift: float | Tensor | None = 0.1,
     if redshift is None:
         truth.setdefault("redshift", z)
     return Mock(obs=obs, truth=truth, spectrum=spec, photometry=phot)
-
-
-def _mean(site) -> Tensor:
-    fn = site["fn"]
-    while not hasattr(fn, "loc") and hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return fn.loc.detach()
 
 
 def galaxy(mock: Mock, i: int) -> Mock:

@@ -54,6 +54,23 @@ def observe_photometry(name: str, model: Tensor, flux: Tensor | None, ivar: Tens
     """
     valid = _valid(ivar, mask)
     safe = torch.where(valid, ivar, torch.ones_like(ivar))
-    sigma = torch.sqrt(1 / safe + (floor * model) ** 2)
+    sigma = photometry_sigma(model, safe, floor)
     obs = None if flux is None else torch.where(valid, flux, model.detach())
     return pyro.sample(name, dist.Normal(model, sigma).mask(valid).to_event(1), obs=obs)
+
+
+def photometry_sigma(model: Tensor, ivar: Tensor, floor: float = 0.0) -> Tensor:
+    """Total photometric noise: sqrt(1/ivar + (floor * model)^2), in the unit of ``model`` (nanomaggies).
+
+    ``ivar`` must be > 0 (mask zeros first). Shared by the likelihood and the
+    noise drawn for amortized training, so both use one noise model.
+    """
+    return torch.sqrt(1 / ivar + (floor * model) ** 2)
+
+
+def site_mean(site: dict) -> Tensor:
+    """The noise-free model of an observe site in a Pyro trace (the ``loc`` of its, possibly masked, distribution)."""
+    fn = site["fn"]
+    while not hasattr(fn, "loc") and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn.loc.detach()

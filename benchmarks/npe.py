@@ -1,0 +1,82 @@
+"""Amortized posterior (NPE) time per galaxy against NUTS on the same galaxies, same run.
+
+Shipped photometry-only posterior (``PhotometryModel``, SDSS ugriz, z given).
+Galaxies: mocks from the model's prior at z = 0.1, S/N 30 per band. Reported:
+
+* NPE, 1,000 draws for 1 galaxy and for a batch of 100 (per galaxy), the flow
+  alone and with the derived quantities (stellar mass, SFRs, ages: one forward
+  simulation per draw); medians of 5 repeats after a warm-up call;
+* NUTS (``run_nuts``: MAP start, Laplace-preconditioned dense mass, TorchScript)
+  on the first galaxy, one chain of ``--nuts-warmup`` + ``--nuts-draws``; its wall
+  time and bulk ESS, and the ratio of NUTS wall time to NPE's for 1,000 draws.
+
+    python benchmarks/npe.py [--threads 2] [--nuts-warmup 200] [--nuts-draws 200] [--no-nuts]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import warnings
+
+import arviz as az
+import numpy as np
+import torch
+
+from sedppl.infer.nuts import run_nuts
+from sedppl.mocks import galaxy, make_mocks
+from sedppl.posteriors import load_shipped
+
+
+def timed(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--nuts-warmup", type=int, default=200)
+    ap.add_argument("--nuts-draws", type=int, default=200)
+    ap.add_argument("--no-nuts", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+    post = load_shipped("phot")
+    model = post.model
+    mock = make_mocks(model, 100, seed=12, redshift=0.1, snr_photometry=30)
+    one = galaxy(mock, 0)
+    rows = []
+    for label, obs, n in (("1 galaxy", one.obs, 1), ("batch of 100", mock.obs, 100)):
+        for derived in (False, True):
+            t = timed(lambda: post.sample(obs, 1000, derived=derived, seed=0), repeats=5 if n == 1 else 3)
+            rows.append((label, derived, t / n))
+            print(f"NPE {label:13s} 1000 draws, derived {'yes' if derived else 'no ':3s}: "
+                  f"{t / n * 1e3:8.1f} ms per galaxy")
+    if args.no_nuts:
+        return
+    t = time.perf_counter()
+    idata = run_nuts(model, obs=one.obs, num_samples=args.nuts_draws, warmup_steps=args.nuts_warmup, num_chains=1,
+                     progress=False, num_prior=10, seed=0)
+    t_nuts = time.perf_counter() - t
+    ess = float(az.ess(idata, var_names=post.space.names).to_array().min())
+    t_npe = rows[1][2]
+    print(f"NUTS 1 chain x ({args.nuts_warmup} warm-up + {args.nuts_draws} draws): {t_nuts:.1f} s, bulk ESS min "
+          f"{ess:.0f}; ratio NUTS / NPE (1 galaxy, 1000 draws with derived): {t_nuts / t_npe:.0f}x")
+    for name in ("log_mass", "tau_ism"):
+        a = idata.posterior[name].values.ravel()
+        b = post.sample(one.obs, 4000, derived=False, seed=1).posterior[name].values.ravel()
+        print(f"  {name}: NUTS {a.mean():.3f} +- {a.std():.3f}, NPE {b.mean():.3f} +- {b.std():.3f}, "
+              f"truth {float(one.truth[name][0]):.3f}")
+
+
+if __name__ == "__main__":
+    main()

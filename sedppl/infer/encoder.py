@@ -1,0 +1,113 @@
+"""Embedding networks: observed data (flux, ivar, masks, redshift) -> a context vector for the flow.
+
+Inputs are made scale-free before the networks see them. A spectrum is divided
+by its inverse-variance weighted mean flux s (floored at twice its standard
+error, so faint noisy spectra stay finite); each pixel then gives three
+channels: flux / s, log(s * sqrt(ivar)) (the S/N scale), and a validity flag
+(masked pixels are zero in all three). Photometry is treated alike with the
+mean of the valid band fluxes. log10 s of each, and the scaled redshift when it
+is given, enter as scalars. Amplitudes (hence masses) are learned from log10 s.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def scale_free(flux: Tensor, ivar: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-galaxy channels (N, 3, L) and log10 scale (N,) of fluxes with inverse variance.
+
+    Arguments:
+        flux: (N, L) any flux unit; values where ivar = 0 are ignored.
+        ivar: (N, L) inverse variance, 0 = masked or missing.
+
+    Returns:
+        (channels, log10 scale): channels are flux / s, log(s sqrt(ivar)) and the
+        validity flag, zero where invalid.
+    """
+    valid = ivar > 0
+    f = torch.where(valid, flux, torch.zeros_like(flux))
+    wsum = ivar.sum(-1)
+    if torch.any(wsum <= 0):
+        raise ValueError("a galaxy has no valid pixels or bands (all ivar = 0)")
+    mean = (f * ivar).sum(-1) / wsum
+    # plain mean (not ivar-weighted) of the valid values, floored by its standard error
+    n_valid = valid.sum(-1).clamp(min=1)
+    plain = f.sum(-1) / n_valid
+    err = torch.sqrt(torch.where(valid, 1 / ivar.clamp(min=1e-30), torch.zeros_like(ivar)).sum(-1)) / n_valid
+    s = torch.maximum(torch.where(plain > 0, plain, mean), 2 * err).clamp(min=1e-30)
+    scaled = (f / s[:, None]).clamp(-50, 50)
+    snr = torch.where(valid, torch.log(s[:, None] * torch.sqrt(ivar.clamp(min=1e-30))).clamp(-10, 15),
+                      torch.zeros_like(ivar))
+    return torch.stack([scaled, snr, valid.float()], dim=1), torch.log10(s)
+
+
+class SpectrumEncoder(nn.Module):
+    """1D convolutional encoder of a binned spectrum's channels (N, 3, L) -> (N, out).
+
+    Arguments:
+        length: L, bins of the spectrum.
+        out: Size of the embedding.
+        channels: Channels of the convolutional stages (each halves the length).
+    """
+
+    def __init__(self, length: int, out: int = 64, channels: tuple[int, ...] = (16, 32, 32, 64, 64)):
+        super().__init__()
+        layers, c_in, n = [], 3, length
+        for c in channels:
+            layers += [nn.Conv1d(c_in, c, 5, padding=2), nn.GELU(), nn.MaxPool1d(2)]
+            c_in, n = c, n // 2
+        if n < 1:
+            raise ValueError(f"a spectrum of {length} bins is too short for {len(channels)} pooling stages")
+        self.conv = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c_in * n, 256), nn.GELU(), nn.Linear(256, out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.conv(x))
+
+
+class DataEncoder(nn.Module):
+    """Context for the flow from spectrum and/or photometry and redshift.
+
+    Arguments:
+        spectrum_bins: Bins of the binned spectrum, or 0 for photometry only.
+        n_bands: Number of bands, or 0 for a spectrum only.
+        redshift_range: (low, high) when the redshift is given (a condition), None when inferred.
+        out: Size of the context vector.
+    """
+
+    def __init__(self, spectrum_bins: int, n_bands: int, redshift_range: tuple[float, float] | None,
+                 out: int = 64):
+        super().__init__()
+        self.spectrum = SpectrumEncoder(spectrum_bins, out) if spectrum_bins else None
+        self.photometry = (nn.Sequential(nn.Linear(3 * n_bands, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(),
+                                         nn.Linear(128, out)) if n_bands else None)
+        self.redshift_range = redshift_range
+        n_scalar = int(bool(spectrum_bins)) + int(bool(n_bands)) + int(redshift_range is not None)
+        width = out * (int(bool(spectrum_bins)) + int(bool(n_bands))) + n_scalar
+        self.mix = nn.Sequential(nn.Linear(width, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, out))
+        # standardisation of the log10 scales, set from the training bank
+        self.register_buffer("scale_shift", torch.zeros(2))
+        self.register_buffer("scale_sd", torch.ones(2))
+
+    def forward(self, spectrum: Tensor | None = None, spectrum_ivar: Tensor | None = None,
+                photometry: Tensor | None = None, photometry_ivar: Tensor | None = None,
+                redshift: Tensor | None = None) -> Tensor:
+        """Arguments: binned spectrum and ivar (N, L); band fluxes and ivar (N, K) nanomaggies; redshift (N,).
+        Returns: context (N, out)."""
+        parts, scalars = [], []
+        if self.spectrum is not None:
+            ch, ls = scale_free(spectrum, spectrum_ivar)
+            parts.append(self.spectrum(ch))
+            scalars.append((ls - self.scale_shift[0]) / self.scale_sd[0])
+        if self.photometry is not None:
+            ch, ls = scale_free(photometry, photometry_ivar)
+            parts.append(self.photometry(ch.flatten(1)))
+            scalars.append((ls - self.scale_shift[1]) / self.scale_sd[1])
+        if self.redshift_range is not None:
+            if redshift is None:
+                raise ValueError("this posterior is conditioned on the redshift: give it")
+            lo, hi = self.redshift_range
+            scalars.append((redshift - lo) / (hi - lo) * 2 - 1)
+        return self.mix(torch.cat(parts + [torch.stack(scalars, -1)], -1))
