@@ -146,7 +146,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _read_input(args: argparse.Namespace):
-    """An Observation from a sedppl mock file or a photometry catalog."""
+    """(Observation, truths or None) from a sedppl mock file or a photometry catalog."""
     from astropy.io import fits
 
     from .catalogs import read_photometry_catalog
@@ -164,11 +164,12 @@ def _read_input(args: argparse.Namespace):
         if not is_mock:
             raise ValueError(f"{path} is not a sedppl mock file; for a catalog give --bands, --flux-columns and "
                              "--error-columns (and --z-column)")
-        return read_mocks(path).obs
+        mock = read_mocks(path)
+        return mock.obs, {k: v.numpy() for k, v in mock.truth.items()}
     split = (lambda v: [c.strip() for c in v.split(",")] if v else None)  # noqa: E731
     return read_photometry_catalog(path, split(args.bands), split(args.flux_columns) or [],
                                    split(args.error_columns) or [], unit=args.unit,
-                                   redshift_column=args.z_column, id_column=args.id_column)
+                                   redshift_column=args.z_column, id_column=args.id_column), None
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -183,14 +184,14 @@ def _fit(args: argparse.Namespace) -> int:
                          "(sedppl.infer.nuts.run_nuts), see docs/models.md")
     if args.draws < 10 or args.chunk < 1:
         raise ValueError("--draws must be >= 10 and --chunk >= 1")
-    obs = _read_input(args)
+    obs, truth = _read_input(args)
     post = (NeuralPosterior.load(args.posterior, _zoo_model(args.model)) if args.posterior
             else load_shipped(args.model))
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*outside the posterior's training distribution.*")
         table = fit_catalog(obs, post, args.out, chunk=args.chunk, num_samples=args.draws, seed=args.seed,
-                            save_draws=not args.no_draws)
+                            save_draws=not args.no_draws, plots=args.plots, truth=truth)
     n_ood = int(table["ood"].sum())
     print(f"[sedppl] {len(table)} galaxies fitted in {time.time() - t0:.1f} s ({args.draws} draws each); "
           f"median chi2/dof {np.nanmedian(table['chi2_dof']):.2f}; wrote {Path(args.out) / 'summary.ecsv'}")
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--draws", type=int, default=1000, help="posterior draws per galaxy (default 1000)")
     f.add_argument("--chunk", type=int, default=500, help="galaxies per checkpointed chunk (default 500)")
     f.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    f.add_argument("--plots", type=int, default=0,
+                   help="figures (SED fit, SFH, corner over the prior) for the first N galaxies, in OUT/plots")
     f.add_argument("--no-draws", action="store_true", help="write the summary table only, not the NetCDF draws")
     f.add_argument("--bands", default=None, help="catalog: comma-separated filters, e.g. sdss_u,sdss_g,...")
     f.add_argument("--flux-columns", default=None, help="catalog: comma-separated flux (or magnitude) columns")

@@ -140,3 +140,54 @@ def tarp_coverage(truth: np.ndarray, draws: np.ndarray, seed: int = 0,
     dist_draws = np.linalg.norm(d - ref[:, None, :], axis=-1)
     frac = (dist_draws < dist_truth[:, None]).mean(1)
     return np.array([np.mean(frac < p) for p in np.atleast_1d(levels)])
+
+
+def compare_posteriors(a: dict[str, np.ndarray], b: dict[str, np.ndarray], seed: int = 0,
+                       max_draws: int = 4000) -> dict:
+    """Compare two posteriors of one galaxy (e.g. amortized vs NUTS) parameter by parameter and jointly.
+
+    Arguments:
+        a, b: {parameter: draws (L,)} with the same scalar parameters (flatten vector sites first);
+            ``b`` is the reference (e.g. NUTS).
+        seed: Seed of the classifier test.
+        max_draws: Draws used per posterior by the classifier test.
+
+    Returns:
+        {"shift": {p: (mean_a - mean_b) / sd_b}, "width_ratio": {p: sd_a / sd_b},
+        "c2st_accuracy": held-out accuracy of a classifier told to separate a from b
+        (0.5 when they are the same distribution), "c2st_null_sd": its binomial sd under
+        the null hypothesis, "c2st_z": (accuracy - 0.5) / null sd}.
+
+    References:
+        Lopez-Paz & Oquab 2017 (classifier two-sample tests).
+    """
+    import torch
+
+    names = list(b)
+    shift = {p: float((np.mean(a[p]) - np.mean(b[p])) / np.std(b[p])) for p in names}
+    width = {p: float(np.std(a[p]) / np.std(b[p])) for p in names}
+    rng = np.random.default_rng(seed)
+    xa = np.stack([np.asarray(a[p], float).ravel() for p in names], -1)
+    xb = np.stack([np.asarray(b[p], float).ravel() for p in names], -1)
+    n = min(len(xa), len(xb), max_draws)
+    xa, xb = xa[rng.choice(len(xa), n, replace=False)], xb[rng.choice(len(xb), n, replace=False)]
+    x = np.concatenate([xa, xb])
+    x = (x - x.mean(0)) / (x.std(0) + 1e-12)
+    y = np.concatenate([np.zeros(n), np.ones(n)])
+    perm = rng.permutation(2 * n)
+    x, y = torch.as_tensor(x[perm], dtype=torch.float32), torch.as_tensor(y[perm], dtype=torch.float32)
+    half = n
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 64), torch.nn.GELU(), torch.nn.Linear(64, 64),
+                              torch.nn.GELU(), torch.nn.Linear(64, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(500):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x[:half]).squeeze(-1), y[:half])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = float(((net(x[half:]).squeeze(-1) > 0).float() == y[half:]).float().mean())
+    null_sd = 0.5 / np.sqrt(len(y) - half)
+    return {"shift": shift, "width_ratio": width, "c2st_accuracy": acc, "c2st_null_sd": float(null_sd),
+            "c2st_z": float((acc - 0.5) / null_sd)}

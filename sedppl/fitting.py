@@ -50,8 +50,8 @@ def summarize(idata, obs: Observation, post, ood: np.ndarray):
     n = n_galaxies(obs)
     cols: dict[str, np.ndarray] = {"name": np.array(obs.name if isinstance(obs.name, list) else [obs.name] * n)}
     for var in idata.posterior.data_vars:
-        v = idata.posterior[var].values[0]  # (draw, galaxy, ...)
-        v = v.reshape(v.shape[0], n, -1)
+        v = idata.posterior[var].values  # (chain, draw, galaxy, ...)
+        v = v.reshape(v.shape[0] * v.shape[1], n, -1)
         for j in range(v.shape[-1]):
             label = var if v.shape[-1] == 1 else f"{var}_{j}"
             p16, p50, p84 = np.percentile(v[..., j], [16, 50, 84], axis=0)
@@ -75,7 +75,8 @@ def chi2_dof(idata, obs: Observation, post) -> np.ndarray:
     if pp is None:
         return np.full(n, np.nan)
     if "photometry" in pp and obs.has_photometry:
-        pred = torch.as_tensor(np.median(pp["photometry"].values[0], axis=0)).reshape(n, -1)
+        v = pp["photometry"].values
+        pred = torch.as_tensor(np.median(v.reshape(-1, *v.shape[2:]), axis=0)).reshape(n, -1)
         f, iv = obs.band_flux.reshape(n, -1), obs.band_ivar.reshape(n, -1)
         ok = iv > 0
         sig = photometry_sigma(pred, torch.where(ok, iv, torch.ones_like(iv)),
@@ -83,7 +84,8 @@ def chi2_dof(idata, obs: Observation, post) -> np.ndarray:
         chi2 += torch.where(ok, ((f - pred) / sig) ** 2, torch.zeros_like(f)).sum(-1).numpy()
         dof += ok.sum(-1).numpy()
     if "spectrum" in pp and obs.has_spectrum:
-        pred = torch.as_tensor(np.median(pp["spectrum"].values[0], axis=0)).reshape(n, -1)
+        v = pp["spectrum"].values
+        pred = torch.as_tensor(np.median(v.reshape(-1, *v.shape[2:]), axis=0)).reshape(n, -1)
         f, iv = obs.flux.reshape(n, -1), obs.ivar.reshape(n, -1)
         ok = iv > 0 if obs.mask is None else (iv > 0) & obs.mask.reshape(n, -1)
         chi2 += torch.where(ok, (f - pred) ** 2 * iv, torch.zeros_like(f)).sum(-1).numpy()
@@ -91,8 +93,37 @@ def chi2_dof(idata, obs: Observation, post) -> np.ndarray:
     return chi2 / np.maximum(dof, 1)
 
 
+def prior_draws(model, n: int, redshift: float | None, seed: int = 0) -> dict[str, np.ndarray]:
+    """{site: (n, ...)} latent and deterministic values of ``n`` prior draws of ``model`` (for plots)."""
+    import pyro
+    from pyro import poutine
+
+    pyro.set_rng_seed(seed)
+    kw = {} if redshift is None else {"redshift": redshift}
+    with torch.no_grad():
+        tr = poutine.trace(model).get_trace(n_galaxies=n, **kw)
+    return {k: v["value"].numpy() for k, v in tr.nodes.items()
+            if v["type"] == "sample" and k not in ("spectrum", "photometry") and v["value"].dim() >= 1
+            and v["value"].shape[0] == n}
+
+
+def _plots(idata, part: Observation, post, first: int, count: int, folder: Path, truth) -> None:
+    from .plotting import plot_fit
+
+    folder.mkdir(parents=True, exist_ok=True)
+    phot = post.model.forward_model.photometry
+    names = part.name if isinstance(part.name, list) else [f"galaxy{first + i}" for i in range(n_galaxies(part))]
+    for g in range(min(count, n_galaxies(part))):
+        z = None if part.redshift is None else float(part.redshift.reshape(-1)[g if part.redshift.numel() > 1 else 0])
+        prior = prior_draws(post.model, 2000, z)
+        t = None if truth is None else {k: np.asarray(v)[first: first + n_galaxies(part)] for k, v in truth.items()}
+        plot_fit(idata, part, phot, g, folder / f"{names[g]}.png", prior=prior, truth=t,
+                 title=f"{names[g]} ({post.card.model}, z = {z})")
+
+
 def fit_catalog(obs: Observation, post, out: str | Path, chunk: int = 500, num_samples: int = 1000,
-                seed: int = 0, save_draws: bool = True, progress: bool = True):
+                seed: int = 0, save_draws: bool = True, progress: bool = True, plots: int = 0,
+                truth: dict | None = None):
     """Fit every galaxy of ``obs`` with a neural posterior, resumably.
 
     Arguments:
@@ -103,6 +134,9 @@ def fit_catalog(obs: Observation, post, out: str | Path, chunk: int = 500, num_s
         num_samples: Posterior draws per galaxy.
         seed: Seed; chunk i draws with seed + i.
         save_draws: Also write each chunk's draws as NetCDF.
+        plots: Write a figure (photometric fit, SFH, corner over the prior) for the first ``plots``
+            galaxies to ``plots/<name>.png``.
+        truth: {site: (N,) true values} (mocks) to mark on the figures.
 
     Returns:
         The summary table (astropy ``Table``).
@@ -127,6 +161,8 @@ def fit_catalog(obs: Observation, post, out: str | Path, chunk: int = 500, num_s
             ood = post.ood_flags(x)
             idata = post.sample(part, num_samples=num_samples, seed=seed + i, predictive=True, check=False)
         table = summarize(idata, part, post, ood)
+        if i * chunk < plots:
+            _plots(idata, part, post, i * chunk, plots - i * chunk, out / "plots", truth)
         if save_draws:
             nc = out / "chunks" / f"posterior_{i:05d}.nc"
             idata.to_netcdf(str(nc) + ".tmp")

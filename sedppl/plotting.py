@@ -53,3 +53,117 @@ def plot_model(wave: np.ndarray, flux: np.ndarray, model: np.ndarray, photometry
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _draws(idata, name: str, galaxy: int, group: str = "posterior") -> np.ndarray:
+    """Draws of one galaxy, chains stacked: (S,) or (S, ...)."""
+    v = getattr(idata, group)[name].values
+    v = v.reshape(v.shape[0] * v.shape[1], *v.shape[2:])
+    return v[:, galaxy]
+
+
+def plot_sfh(ax, idata, galaxy: int, truth: dict | None = None) -> None:
+    """Star-formation history band (16-50-84%) against lookback time (Gyr) on ``ax``."""
+    sfr = _draws(idata, "sfh_sfr", galaxy)
+    edges = np.median(_draws(idata, "sfh_edges", galaxy), axis=0)
+    lo, mid, hi = np.percentile(sfr, [16, 50, 84], axis=0)
+    ax.stairs(hi, edges, baseline=lo, fill=True, color="C2", alpha=0.3, label="posterior 16-84%")
+    ax.stairs(mid, edges, color="C2", label="median")
+    if truth is not None and "sfh_sfr" in truth:
+        ax.stairs(np.asarray(truth["sfh_sfr"])[galaxy], np.asarray(truth["sfh_edges"])[galaxy], color="k",
+                  ls="--", label="truth")
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_yscale("log")
+    ax.set_xlabel("lookback time [Gyr]")
+    ax.set_ylabel(r"SFR [M$_\odot$ yr$^{-1}$]")
+    ax.legend(fontsize=7)
+
+
+def plot_photometric_fit(ax, idata, obs, photometry, galaxy: int) -> None:
+    """Observed band fluxes (uJy, with 1-sigma errors; missing bands left out) and the
+    posterior-predictive model (16-84% range) against effective wavelength (um) on ``ax``."""
+    lam = np.array(photometry.effective_wavelength) / 1e4
+    f = obs.band_flux.reshape(-1, len(lam))[galaxy].numpy() * 3.631  # 1 nmgy = 3.631 uJy
+    iv = obs.band_ivar.reshape(-1, len(lam))[galaxy].numpy()
+    ok = iv > 0
+    ax.errorbar(lam[ok], f[ok], yerr=3.631 / np.sqrt(iv[ok]), fmt="o", color="k", ms=4, label="data")
+    if hasattr(idata, "posterior_predictive") and "photometry" in idata.posterior_predictive:
+        pred = _draws(idata, "photometry", galaxy, "posterior_predictive") * 3.631
+        lo, hi = np.percentile(pred, [16, 84], axis=0)
+        ax.fill_between(lam, lo, hi, color="C3", alpha=0.4, step=None, label="model 16-84%")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("effective wavelength [um]")
+    ax.set_ylabel(r"$f_\nu$ [$\mu$Jy]")
+    ax.legend(fontsize=7)
+
+
+def plot_corner(fig, idata, names: list[str], galaxy: int, prior: dict | None = None,
+                truth: dict | None = None) -> None:
+    """Corner plot of ``names`` for one galaxy on ``fig`` (a figure or subfigure): posterior (blue) over
+    prior (grey) marginals, pairwise posterior draws, truths as dashed lines.
+    ``prior``: {name: prior draws} or None; ``truth``: {name: (N,) values} or None."""
+    n = len(names)
+    post = {k: _draws(idata, k, galaxy) for k in names}
+    pri = None if prior is None else {k: np.asarray(prior[k]).ravel() for k in names}
+    axes = fig.subplots(n, n, squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.05})
+    for i, yi in enumerate(names):
+        for j, xj in enumerate(names):
+            ax = axes[i, j]
+            if j > i:
+                ax.set_visible(False)
+                continue
+            if i == j:
+                bins = np.linspace(*np.percentile(np.concatenate([post[xj]] + ([pri[xj]] if pri else [])), [0.5, 99.5]), 40)
+                if pri:
+                    ax.hist(pri[xj], bins=bins, density=True, color="0.75", label="prior")
+                ax.hist(post[xj], bins=bins, density=True, histtype="step", color="C0", label="posterior")
+                ax.set_yticks([])
+            else:
+                ax.plot(post[xj], post[yi], ",", color="C0", alpha=0.3)
+                if truth is not None and yi in truth:
+                    ax.axhline(float(np.asarray(truth[yi])[galaxy]), color="k", ls="--", lw=0.8)
+            if truth is not None and xj in truth:
+                ax.axvline(float(np.asarray(truth[xj])[galaxy]), color="k", ls="--", lw=0.8)
+            if i == n - 1:
+                ax.set_xlabel(xj, fontsize=8)
+            else:
+                ax.set_xticklabels([])
+            if j == 0 and i > 0:
+                ax.set_ylabel(yi, fontsize=8)
+            elif j > 0:
+                ax.set_yticklabels([])
+            ax.tick_params(labelsize=6)
+    axes[0, 0].legend(fontsize=6)
+
+
+def plot_fit(idata, obs, photometry, galaxy: int, path: str | Path, prior: dict | None = None,
+             truth: dict | None = None, corner: tuple[str, ...] = ("log_stellar_mass", "log_ssfr_100myr",
+                                                                   "mass_weighted_age", "tau_ism"),
+             title: str = "") -> None:
+    """One galaxy's fit: photometric SED with the posterior-predictive model, SFH band, and a corner plot
+    of ``corner`` (posterior over prior, truths when given), written to ``path``.
+
+    Arguments:
+        idata: InferenceData with ``posterior`` (incl. ``sfh_sfr``, ``sfh_edges``) and ``posterior_predictive``.
+        obs: The fitted :class:`~sedppl.data.Observation` (one galaxy or a batch).
+        photometry: The model's :class:`~sedppl.photometry.Photometry`.
+        galaxy: Index in the batch.
+        prior: {name: prior draws} for the corner plot, or None.
+        truth: {name: (N,) values} (mocks), or None.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(14, 6.5))
+    left, right = fig.subfigures(1, 2, width_ratios=[1, 1.1])
+    a1, a2 = left.subplots(2, 1)
+    plot_photometric_fit(a1, idata, obs, photometry, galaxy)
+    plot_sfh(a2, idata, galaxy, truth)
+    names = [c for c in corner if c in idata.posterior]
+    plot_corner(right, idata, names, galaxy, prior=prior, truth=truth)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

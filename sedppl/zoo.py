@@ -38,7 +38,9 @@ from .surveys import DESI_BANDS, DESI_WAVE, SDSS_BANDS  # noqa: F401 (re-exporte
 
 
 def record_derived(out, mass: Tensor, edges: Tensor, logz: Tensor) -> None:
-    """Deterministic sites users expect: surviving mass, SFRs, sSFR, mass-weighted age and Z."""
+    """Deterministic sites users expect: surviving mass (``log_stellar_mass``, log10 Msun), SFRs over 10 and
+    100 Myr (Msun/yr), sSFR (log10 /yr), mass-weighted age (Gyr) and log Z, and the histories (``sfh_sfr``
+    Msun/yr per bin, ``sfh_edges`` Gyr lookback, ``zh_log_z`` log10 Z/Zsun per bin)."""
     log_mstar = torch.log10(out.surviving_mass)
     pyro.deterministic("log_stellar_mass", log_mstar)
     sfr10 = sfr_averaged(mass, edges, 0.01)
@@ -48,6 +50,10 @@ def record_derived(out, mass: Tensor, edges: Tensor, logz: Tensor) -> None:
     pyro.deterministic("log_ssfr_100myr", torch.log10(sfr100.clamp(min=1e-30)) - log_mstar)
     pyro.deterministic("mass_weighted_age", mass_weighted_age(mass, edges))
     pyro.deterministic("mass_weighted_log_z", torch.log10((mass * 10**logz).sum(-1) / mass.sum(-1)))
+    # the histories themselves, for SFH / ZH plots: SFR per bin (Msun/yr), bin edges (Gyr lookback), log10 Z/Zsun
+    pyro.deterministic("sfh_sfr", mass / (torch.diff(edges, dim=-1) * 1e9), event_dim=1)
+    pyro.deterministic("sfh_edges", edges, event_dim=1)
+    pyro.deterministic("zh_log_z", logz, event_dim=1)
 
 
 def dust_priors() -> tuple[Tensor, Tensor, Tensor]:

@@ -46,3 +46,18 @@ def test_ranks_and_errors():
     with pytest.raises(ValueError, match="draws"):
         sbc_ranks(np.zeros(3), np.zeros(3))
     assert thin_to_independent(np.zeros((2, 100)), 25).shape == (2, 25)
+
+
+def test_compare_posteriors_detects_shift_and_width():
+    from sedppl.diagnostics import compare_posteriors
+
+    rng = np.random.default_rng(0)
+    ref = {"x": rng.normal(0, 1, 4000), "y": rng.normal(0, 1, 4000)}
+    same = compare_posteriors({"x": rng.normal(0, 1, 4000), "y": rng.normal(0, 1, 4000)}, ref)
+    # 4000 draws: shift sd ~0.022, width-ratio sd ~0.016; classifier at chance within 3 null sd
+    assert max(abs(v) for v in same["shift"].values()) < 0.1
+    assert max(abs(v - 1) for v in same["width_ratio"].values()) < 0.07
+    assert abs(same["c2st_z"]) < 3
+    other = compare_posteriors({"x": rng.normal(0.3, 1, 4000), "y": rng.normal(0, 0.7, 4000)}, ref)
+    assert abs(other["shift"]["x"] - 0.3) < 0.1 and abs(other["width_ratio"]["y"] - 0.7) < 0.05
+    assert other["c2st_z"] > 5

@@ -59,3 +59,21 @@ def test_custom_model_nuts_arviz(fm):
     for name in ("log_mass", "av"):
         lo, hi = np.percentile(post[name].values, [0.5, 99.5])
         assert lo < truth[name].item() < hi, (name, lo, hi)
+
+
+def test_amortized_posterior_agrees_with_nuts(small_model, small_posterior):
+    """NPE (trained in CI, tests/conftest.py) against NUTS on the same mock galaxy: means within 0.3
+    posterior sd and widths within 0.75-1.33 (NUTS with ~400 draws estimates an sd to ~4%)."""
+    from sedppl.diagnostics import compare_posteriors
+    from sedppl.mocks import make_mocks
+
+    mock = make_mocks(small_model, 1, seed=31, redshift=0.12, snr_photometry=40)
+    idata = run_nuts(small_model, obs=mock.obs, num_samples=200, warmup_steps=150, num_chains=2,
+                     max_tree_depth=5, map_steps=100, progress=False, predictive=False, seed=1)
+    npe = small_posterior.sample(mock.obs, 4000, seed=2, derived=False).posterior
+    names = ("log_mass", "av")
+    cmp = compare_posteriors({k: npe[k].values.ravel() for k in names},
+                             {k: idata.posterior[k].values.ravel() for k in names})
+    for k in names:
+        assert abs(cmp["shift"][k]) < 0.3, cmp
+        assert 0.75 < cmp["width_ratio"][k] < 1.33, cmp
