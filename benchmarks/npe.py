@@ -10,7 +10,7 @@ Galaxies: mocks from the model's prior at z = 0.1, S/N 30 per band. Reported:
   on the first galaxy, one chain of ``--nuts-warmup`` + ``--nuts-draws``; its wall
   time and bulk ESS, and the ratio of NUTS wall time to NPE's for 1,000 draws.
 
-    python benchmarks/npe.py [--threads 2] [--nuts-warmup 200] [--nuts-draws 200] [--no-nuts]
+    python benchmarks/npe.py [--threads 2] [--nuts-warmup 100] [--nuts-draws 100] [--no-nuts]
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def timed(fn, repeats: int = 5) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--nuts-warmup", type=int, default=200)
-    ap.add_argument("--nuts-draws", type=int, default=200)
+    ap.add_argument("--nuts-warmup", type=int, default=100)
+    ap.add_argument("--nuts-draws", type=int, default=100)
     ap.add_argument("--no-nuts", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

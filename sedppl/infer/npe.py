@@ -1,9 +1,10 @@
 """Neural posterior estimation: an amortized posterior q(theta | data) from a zuko flow.
 
 A :class:`NeuralPosterior` is a neural spline flow (zuko) over the model's latent
-sites in their unconstrained space (standardised), conditioned on a context
-vector from :class:`sedppl.infer.encoder.DataEncoder`. Draws map back through
-the same bijections NUTS uses, so no draw leaves the prior's support, and
+sites in prior-whitened coordinates (each univariate prior mapped to N(0, 1) by
+its CDF; other sites in the unconstrained space NUTS uses), conditioned on a
+context vector from :class:`sedppl.infer.encoder.DataEncoder`. Draws map back
+through the same maps, so no draw leaves the prior's support, and
 derived quantities (stellar mass, SFRs, ages) come from running the model's own
 code on the draws. Train one with :func:`sedppl.infer.npe_training.train_npe`.
 
@@ -59,7 +60,10 @@ class PosteriorCard:
         context, transforms, hidden: Sizes of the encoder output and of the flow.
         conditional_affine: Whether the flow starts with an elementwise affine map whose
             shift and scale the context predicts (see :class:`ConditionalAffine`).
-        n_train, n_valid, epochs, train_seconds: Training budget.
+        whiten: Whether the flow's coordinates are prior-whitened (:mod:`sedppl.infer.whitening`)
+            rather than the plain unconstrained ones.
+        n_train, n_valid, epochs, train_seconds, simulation_seconds: Training budget (seconds of
+            optimisation, and of simulation in the run that finished; 2-core CPU unless stated).
         valid_loss: Best validation loss (mean -log q of the unconstrained, standardised theta).
         calibration: Figures measured on held-out simulations (filled by the calibration step).
         sha256: Checksum of the weights file.
@@ -78,10 +82,12 @@ class PosteriorCard:
     transforms: int = 6
     hidden: list = field(default_factory=lambda: [128, 128])
     conditional_affine: bool = False
+    whiten: bool = False
     n_train: int = 0
     n_valid: int = 0
     epochs: int = 0
     train_seconds: float = 0.0
+    simulation_seconds: float = 0.0
     valid_loss: float = float("nan")
     calibration: dict = field(default_factory=dict)
     sha256: str = ""
@@ -129,7 +135,7 @@ class NeuralPosterior(nn.Module):
         self.card = card
         self.model = model
         kw = {} if not card.redshift_given else {"redshift": float(np.mean(card.redshift_range))}
-        self.space = ParameterSpace.from_model(model, **kw)
+        self.space = ParameterSpace.from_model(model, whiten=card.whiten, **kw)
         found = [[s.name, list(s.event_shape)] for s in self.space.sites]
         if [[n, list(e)] for n, e in card.sites] != found:
             raise ValueError(f"the card's latent sites {card.sites} do not match the model's {found}")

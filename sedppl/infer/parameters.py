@@ -23,17 +23,20 @@ from pyro.distributions.transforms import biject_to
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from .whitening import Whitener, whitener_for
+
 #: Names of the observe sites of sedppl models (the data, never latent parameters).
 DATA_SITES = ("spectrum", "photometry")
 
 
 @dataclass
 class Site:
-    """One latent site: its name, event shape (per galaxy) and support."""
+    """One latent site: its name, event shape (per galaxy), support, and prior whitener (or None)."""
 
     name: str
     event_shape: tuple[int, ...]
     support: constraints.Constraint
+    whitener: Whitener | None = None
 
     @property
     def size(self) -> int:
@@ -48,15 +51,22 @@ class ParameterSpace:
 
     Arguments:
         sites: The latent sites in order.
+        whiten: Use prior-whitened coordinates (:mod:`sedppl.infer.whitening`) for every
+            site with a univariate Uniform, Normal or Student-t prior; the other sites
+            (and all sites when False) use ``biject_to(support).inv``.
     """
 
-    def __init__(self, sites: list[Site]):
+    def __init__(self, sites: list[Site], whiten: bool = False):
         if not sites:
             raise ValueError("the model has no latent sample sites to infer")
         self.sites = sites
+        self.whiten = whiten
+
+    def _white(self, site: Site) -> Whitener | None:
+        return site.whitener if self.whiten else None
 
     @classmethod
-    def from_trace(cls, trace, plate_size: int) -> "ParameterSpace":
+    def from_trace(cls, trace, plate_size: int, whiten: bool = False) -> "ParameterSpace":
         """Latent sites of a trace of a model run with a galaxy plate of ``plate_size``."""
         sites = []
         for name, site in trace.nodes.items():
@@ -67,15 +77,15 @@ class ParameterSpace:
             if value.dim() == 0 or value.shape[0] != plate_size:
                 raise ValueError(f"latent site {name!r} has shape {tuple(value.shape)}; amortized inference "
                                  f"needs every latent site inside the galaxy plate (leading dimension {plate_size})")
-            sites.append(Site(name, tuple(value.shape[1:]), site["fn"].support))
-        return cls(sites)
+            sites.append(Site(name, tuple(value.shape[1:]), site["fn"].support, whitener_for(site["fn"])))
+        return cls(sites, whiten)
 
     @classmethod
-    def from_model(cls, model, n: int = 2, **kwargs) -> "ParameterSpace":
+    def from_model(cls, model, n: int = 2, whiten: bool = False, **kwargs) -> "ParameterSpace":
         """Trace ``model(n_galaxies=n, **kwargs)`` once (no gradients) and read its latent sites."""
         with torch.no_grad(), pyro.poutine.block(hide_types=["param"]):
             tr = poutine.trace(model).get_trace(n_galaxies=n, **kwargs)
-        return cls.from_trace(tr, n)
+        return cls.from_trace(tr, n, whiten)
 
     @property
     def names(self) -> list[str]:
@@ -97,12 +107,14 @@ class ParameterSpace:
         parts = []
         for s in self.sites:
             v = torch.as_tensor(values[s.name], dtype=torch.float32)
-            u = biject_to(s.support).inv(v)
+            wh = self._white(s)
+            u = biject_to(s.support).inv(v) if wh is None else torch.as_tensor(wh.to_white(v.numpy()), dtype=torch.float32)
             parts.append(u.reshape(u.shape[0], s.size))
         return torch.cat(parts, dim=-1)
 
     def to_constrained(self, u: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """(..., dim) unconstrained -> ({site: (..., *event)} constrained, log|dx/du| (...,)).
+        """(..., dim) unconstrained (or whitened) -> ({site: (..., *event)} constrained, log|dx/du| (...,)).
+        Differentiable in ``u`` only for sites without a whitener.
 
         The log-Jacobian turns a density over u into one over the constrained values:
         log p(x) = log p(u) - log|dx/du|.
@@ -111,9 +123,14 @@ class ParameterSpace:
         for s in self.sites:
             piece = u[..., i:i + s.size].reshape(*u.shape[:-1], *s.event_shape)
             i += s.size
-            t = biject_to(s.support)
-            x = t(piece)
-            ld = t.log_abs_det_jacobian(piece, x)
+            wh = self._white(s)
+            if wh is None:
+                t = biject_to(s.support)
+                x = t(piece)
+                ld = t.log_abs_det_jacobian(piece, x)
+            else:
+                xn, ldn = wh.from_white(piece.detach().numpy())
+                x, ld = torch.as_tensor(xn, dtype=u.dtype), torch.as_tensor(ldn, dtype=u.dtype)
             # elementwise transforms return per-element terms; sum any left over event dims
             ld = ld.reshape(*u.shape[:-1], -1).sum(-1) if ld.dim() > u.dim() - 1 else ld
             out[s.name], logdet = x, logdet + ld
