@@ -299,8 +299,16 @@ class NeuralPosterior(nn.Module):
         if seed is not None:
             torch.manual_seed(seed)
         x = self.inputs(obs, warn=check)
+        n_gal = next(v for v in x.values() if v is not None).shape[0]
+        step = max(1, 10_000 // num_samples)  # ~10^4 draws per flow call: larger calls run slower per draw
+        zs, lqs = [], []
         with torch.no_grad():
-            z, logq = self.flow(self.context(x)).rsample_and_log_prob((num_samples,))  # (S, N, D), (S, N)
+            ctx = self.context(x)
+            for i in range(0, n_gal, step):
+                z_i, lq_i = self.flow(ctx[i:i + step]).rsample_and_log_prob((num_samples,))
+                zs.append(z_i)
+                lqs.append(lq_i)
+        z, logq = torch.cat(zs, 1), torch.cat(lqs, 1)  # (S, N, D), (S, N)
         u = self.theta_shift + self.theta_scale * z
         values, logdet = self.space.to_constrained(u)
         logq = logq - torch.log(self.theta_scale).sum() - logdet
