@@ -257,12 +257,6 @@ class NeuralPosterior(nn.Module):
         """log q of standardised unconstrained theta (N, D) given context (N, C)."""
         return self.flow(context).log_prob(z)
 
-    def sample_unconstrained(self, x: dict[str, Tensor | None], num_samples: int) -> Tensor:
-        """(num_samples, N, D) unconstrained draws."""
-        with torch.no_grad():
-            z = self.flow(self.context(x)).sample((num_samples,))
-        return self.theta_shift + self.theta_scale * z
-
     def log_prob(self, values: dict[str, Tensor], obs: Observation) -> Tensor:
         """log q(theta | obs) in the model's constrained parameters, (N,) for values {site: (N, *event)}."""
         x = self.inputs(obs, warn=False)
