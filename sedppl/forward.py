@@ -4,7 +4,8 @@
             --dust (Charlot & Fall: birth clouds + diffuse)-->
             --nebular lines and continuum (young stars' light, birth-cloud dust)-->
             --redshift (d_L, 1+z), flux-conserving resampling onto the observed pixels-->
-            --velocity dispersion and instrumental resolution (band matrices)-->
+            (velocity dispersion: FFT convolution on the rest-frame ln(lambda) grid, before resampling)
+            --instrumental resolution (band matrices)-->
             --calibration (aperture factor, Legendre polynomial)--> f_lambda [1e-17 erg/s/cm^2/A]
     the same rest-frame SED on a coarse grid --filters--> band fluxes [nanomaggies]
 
@@ -26,8 +27,8 @@ from torch import Tensor
 from . import dust as dustlaw
 from .cosmology import MPC_CM, Cosmology
 from .instrument import (
-    FWHM_PER_SIGMA, apply_band, desi_band, legendre_calibration, lsf_band,
-    sigma_from_resolution, velocity_sigma)
+    FWHM_PER_SIGMA, apply_band, broaden_velocity, desi_band, legendre_calibration, lsf_band,
+    sigma_from_resolution)
 from .photometry import LogGridPhotometry, Photometry
 from .resample import check_wavelengths, edges_from_centers, interp1d, resample_log
 from .sps.grid import LSUN_ERG_S, SSPGrid, load_bc03_miles, log_wave_grid, rebin_grid_cached
@@ -227,7 +228,9 @@ class ForwardModel(torch.nn.Module):
             bc_index: Power-law index of the birth-cloud curve.
             log_u: Ionisation parameter, (...,).
             logz_gas: Gas log10(Z/Zsun), (...,); by default that of the youngest bin.
-            sigma_v: Line-of-sight velocity dispersion, (...,), km/s, or None.
+            sigma_v: Line-of-sight velocity dispersion of stars and gas, (...,), km/s, or None;
+                it broadens the templates as they are (so the templates' own resolution,
+                ~2.5 A FWHM for MILES, stays a floor below the instrument's).
             resolution_matrix: Per-galaxy DESI-layout resolution data, (..., 2H+1, M),
                 applied instead of the constructor's R/FWHM; a list of them, one per arm,
                 for several arms.
@@ -266,12 +269,15 @@ class ForwardModel(torch.nn.Module):
             scale = (LSUN_ERG_S / (4 * np.pi * MPC_CM**2)) / d_l**2  # erg/s/cm^2 per Lsun, (...,)
             if branch is self.spec:
                 lines_out = lines
+                if sigma_v is not None:
+                    # a velocity dispersion is a shift-invariant convolution on the rest-frame ln(lambda) grid
+                    sed = broaden_velocity(sed, branch.dlnlam, torch.as_tensor(sigma_v, dtype=sed.dtype))
                 # integral of L over each observed pixel, per observed Angstrom
                 flux = torch.cat([resample_log(sed, branch.log_start, branch.dlnlam,
                                                getattr(self, f"log_edges_arm{i}"), torch.log1p(z))
                                   for i in range(len(self.arm_slices))], dim=-1)
                 flux = flux * (scale / FLUX_UNIT)[..., None]
-                flux = self._instrument(flux, z, sigma_v, resolution_matrix)
+                flux = self._instrument(flux, z, resolution_matrix)
                 if calibration_scale is not None or calibration_poly is not None:
                     coeffs = calibration_poly if calibration_poly is not None else torch.zeros(1, dtype=dtype)
                     s = 1.0 if calibration_scale is None else calibration_scale
@@ -283,33 +289,50 @@ class ForwardModel(torch.nn.Module):
                 out_phot = self.log_photometry(flam, z)
         return ModelOutput(out_spec, out_phot, pop.mass_formed, pop.surviving_mass, lines_out)
 
-    def _instrument(self, flux: Tensor, z: Tensor, sigma_v: Tensor | None,
-                    resolution_matrix: Tensor | None) -> Tensor:
+    def _instrument(self, flux: Tensor, z: Tensor, resolution_matrix: Tensor | None) -> Tensor:
+        """The instrument's resolution: a per-galaxy resolution matrix as given, or the
+        constructor's R/FWHM less the templates' own resolution (in quadrature; none where
+        the templates are already coarser)."""
         wave = self.wave_obs.to(flux.dtype)
-        if sigma_v is None and resolution_matrix is None and self.instrument_sigma is None:
+        if resolution_matrix is None and self.instrument_sigma is None:
             return flux
         # the templates' own resolution, moved to the observed frame
-        rest = wave / (1 + z[..., None])
-        tmpl_fwhm = interp1d(rest, self.spec.wave.to(flux.dtype),
-                             self.spec.template_fwhm.to(flux.dtype)) * (1 + z[..., None])
-        tmpl = tmpl_fwhm / FWHM_PER_SIGMA
-        var = torch.zeros_like(flux)
-        if sigma_v is not None:
-            var = var + velocity_sigma(wave, torch.as_tensor(sigma_v, dtype=flux.dtype)) ** 2
-        if resolution_matrix is None and self.instrument_sigma is not None:
-            var = var + self.instrument_sigma.to(flux.dtype) ** 2
         if resolution_matrix is None:
             matrices = [None] * len(self.arm_slices)
+            # the instrument's sigma less the templates' own (moved to the observed frame)
+            rest = wave / (1 + z[..., None])
+            tmpl_fwhm = interp1d(rest, self.spec.wave.to(flux.dtype),
+                                 self.spec.template_fwhm.to(flux.dtype)) * (1 + z[..., None])
+            excess = (self.instrument_sigma.to(flux.dtype) ** 2 - (tmpl_fwhm / FWHM_PER_SIGMA) ** 2).clamp(min=0.0)
         else:
             matrices = resolution_matrix if isinstance(resolution_matrix, (list, tuple)) else [resolution_matrix]
+            excess = None
         if len(matrices) != len(self.arm_slices):
             raise ValueError(f"{len(matrices)} resolution matrices for {len(self.arm_slices)} arms")
         out = []
         for sl, mat in zip(self.arm_slices, matrices):
             f = flux[..., sl]
-            if torch.any(var[..., sl] > 0):
-                f = apply_band(f, lsf_band(wave[sl], torch.sqrt(var[..., sl] + 1e-30), tmpl[..., sl]))
+            if excess is not None:
+                f = _broaden_where_needed(f, wave[sl], excess[..., sl])
             if mat is not None:
                 f = apply_band(f, desi_band(torch.as_tensor(mat, dtype=flux.dtype)))
             out.append(f)
         return torch.cat(out, dim=-1)
+
+
+def _broaden_where_needed(flux: Tensor, wave: Tensor, var: Tensor) -> Tensor:
+    """Gaussian broadening by sigma^2 = ``var`` (Angstrom^2, (..., M)), computed only over the
+    pixels where some galaxy needs it (plus the kernel's reach); elsewhere the identity."""
+    need = (var > 0).reshape(-1, var.shape[-1]).any(0)
+    if not torch.any(need):
+        return flux
+    idx = torch.nonzero(need).flatten()
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    sig = torch.sqrt(var[..., lo:hi] + 1e-30)
+    pix = torch.diff(wave).min().item()
+    h = max(1, int(np.ceil(5.0 * sig.max().item() / pix)))
+    a, b = max(0, lo - h), min(flux.shape[-1], hi + h)
+    sub_var = torch.zeros(var.shape[:-1] + (b - a,), dtype=var.dtype)
+    sub_var[..., lo - a: hi - a] = var[..., lo:hi]
+    part = apply_band(flux[..., a:b], lsf_band(wave[a:b], torch.sqrt(sub_var + 1e-30)))
+    return torch.cat([flux[..., :lo], part[..., lo - a: hi - a], flux[..., hi:]], dim=-1)

@@ -169,3 +169,27 @@ def test_desi_three_arms(grid):
             idx = np.searchsorted(full, arm)
             inner = slice(margin, len(arm) - margin)
             torch.testing.assert_close(b[sl][inner], a[idx][inner], rtol=1e-9, atol=1e-12)
+
+
+def test_velocity_dispersion_broadens_lines(grid):
+    """H-beta in the observed spectrum (isolated as the difference of two ionisation parameters,
+    which changes only the nebular emission, less the continuum from sidebands) has the width of the velocity dispersion:
+    sigma = sigma_v / c * lambda_obs, plus the pixels' own widths, within 3%."""
+    fm = ForwardModel(grid, wave_obs=WAVE, z_range=(0.01, 0.6)).double()
+    mass, edges, logz = galaxy()
+    z = torch.tensor(0.1, dtype=torch.float64)
+    w = torch.as_tensor(WAVE)
+    for sv in (100.0, 250.0):
+        a = fm(mass, edges, logz, z, log_u=-1.5, sigma_v=sv).spectrum
+        b = fm(mass, edges, logz, z, log_u=-3.0, sigma_v=sv).spectrum
+        hb = 4862.68 * 1.1
+        reach = 6 * sv / 299792.458 * hb + 4
+        side = ((w - hb).abs() > reach) & ((w - hb).abs() < reach + 15)
+        sel = (w - hb).abs() <= reach
+        line = (a - b)[sel] - (a - b)[side].median()  # less the (flat) nebular continuum
+        centre = (line * w[sel]).sum() / line.sum()
+        width = torch.sqrt((line * (w[sel] - centre) ** 2).sum() / line.sum()).item()
+        pix_rest = 1.5e-4 * hb
+        expect = np.sqrt((sv / 299792.458 * hb) ** 2 + pix_rest**2 / 12 + pix_rest**2 / 4 + 0.8**2 / 12)
+        assert abs(centre.item() - hb) < 0.3
+        assert width == pytest.approx(expect, rel=0.03)

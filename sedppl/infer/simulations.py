@@ -9,7 +9,7 @@ Noise, masks and missing bands are drawn afresh at every training epoch by
 
 Why a stored bank and fresh noise, rather than fresh simulations every epoch:
 the physics (synthesis, dust, redshift, instrument) is the expensive part of a
-simulation (~0.3 ms a galaxy for the photometry-only zoo model, tens of ms for
+simulation (~0.3 ms a galaxy for the photometry-only zoo model, ~4 ms for
 the DESI-like spectrum on this 2-core CPU), while the noise is nearly free; a
 bank is simulated once, in chunks written atomically so an interrupted run
 resumes, and every epoch still sees new noise, masks and S/N.
