@@ -94,6 +94,22 @@ class Observation:
             if torch.any(~torch.isfinite(self.band_flux) & (self.band_ivar > 0)):
                 raise ValueError("NaN or infinite band flux with band_ivar > 0")
 
+    def on_grid(self, wave) -> "Observation":
+        """The same observation with its spectrum rebinned onto ``wave`` ((M,), vacuum Angstrom).
+
+        Information-conserving (see :func:`sedppl.resample.rebin_spectrum`); pixels of the new
+        grid outside the spectrum's coverage get ivar 0. The mask is applied before rebinning;
+        a per-galaxy resolution matrix (tied to the old pixels) is dropped.
+        """
+        from .resample import rebin_spectrum
+
+        if not self.has_spectrum:
+            raise ValueError("the observation has no spectrum to rebin")
+        ivar = self.ivar if self.mask is None else torch.where(self.mask, self.ivar, torch.zeros_like(self.ivar))
+        flux, ivar = rebin_spectrum(self.wave, self.flux, ivar, torch.as_tensor(np.asarray(wave, float)))
+        return Observation(redshift=self.redshift, wave=wave, flux=flux, ivar=ivar, bands=self.bands,
+                           band_flux=self.band_flux, band_ivar=self.band_ivar, name=self.name)
+
     def check_bands(self, model_bands: list[str]) -> None:
         """Raise ``ValueError`` if the observation's bands differ from a model's."""
         if self.has_photometry and list(self.bands) != list(model_bands):
