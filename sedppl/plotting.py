@@ -1,4 +1,4 @@
-"""Figures (matplotlib, written to files): model spectrum, photometric SED, SFH."""
+"""Figures (matplotlib, written to files): spectrum fits with residuals, photometric SED, SFH and ZH, corners."""
 
 from __future__ import annotations
 
@@ -79,6 +79,78 @@ def plot_sfh(ax, idata, galaxy: int, truth: dict | None = None) -> None:
     ax.legend(fontsize=7)
 
 
+def plot_zh(ax, idata, galaxy: int, truth: dict | None = None) -> None:
+    """Stellar metallicity history band (16-50-84%, log10 Z/Zsun) against lookback time (Gyr) on ``ax``."""
+    zh = _draws(idata, "zh_log_z", galaxy)
+    edges = np.median(_draws(idata, "sfh_edges", galaxy), axis=0)
+    lo, mid, hi = np.percentile(zh, [16, 50, 84], axis=0)
+    ax.stairs(hi, edges, baseline=lo, fill=True, color="C4", alpha=0.3, label="posterior 16-84%")
+    ax.stairs(mid, edges, color="C4", label="median")
+    if truth is not None and "zh_log_z" in truth:
+        ax.stairs(np.asarray(truth["zh_log_z"])[galaxy], np.asarray(truth["sfh_edges"])[galaxy], color="k",
+                  ls="--", label="truth")
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("lookback time [Gyr]")
+    ax.set_ylabel(r"log$_{10}$ Z/Z$_\odot$")
+    ax.legend(fontsize=7)
+
+
+def _bin(x: np.ndarray, factor: int) -> np.ndarray:
+    m = (len(x) // factor) * factor
+    return x[..., :m].reshape(*x.shape[:-1], -1, factor)
+
+
+def plot_spectrum_fit(ax, ax_resid, idata, obs, galaxy: int, factor: int = 4) -> None:
+    """Observed spectrum and the posterior-predictive model (median and 16-84%) with residuals.
+
+    The data are shown in ivar-weighted bins of ``factor`` pixels (for legibility); the
+    residual panel shows (data - median model) / sigma per bin. Masked stretches
+    (ivar 0 or mask False) are shaded.
+
+    Arguments:
+        ax, ax_resid: Axes for the spectrum (1e-17 erg/s/cm^2/A against observed vacuum
+            Angstrom) and for the residuals (in sigma).
+        idata: InferenceData with ``posterior_predictive['spectrum']``.
+        obs: The fitted :class:`~sedppl.data.Observation`.
+        galaxy: Index in the batch.
+    """
+    wave = obs.wave.numpy()
+    f = obs.flux.reshape(-1, len(wave))[galaxy].numpy()
+    iv = obs.ivar.reshape(-1, len(wave))[galaxy].numpy()
+    if obs.mask is not None:
+        iv = np.where(obs.mask.reshape(-1, len(wave))[galaxy].numpy(), iv, 0.0)
+    w = _bin(iv, factor)
+    wsum = w.sum(-1)
+    fb = np.where(wsum > 0, (_bin(np.nan_to_num(f), factor) * w).sum(-1) / np.maximum(wsum, 1e-30), np.nan)
+    xb = _bin(wave, factor).mean(-1)
+    ax.plot(xb, fb, color="0.45", lw=0.5, label=f"data ({factor}-pixel bins)")
+    pred = None
+    if hasattr(idata, "posterior_predictive") and "spectrum" in idata.posterior_predictive:
+        pred = _draws(idata, "spectrum", galaxy, "posterior_predictive")
+        lo, mid, hi = np.percentile(pred, [16, 50, 84], axis=0)
+        ax.fill_between(wave, lo, hi, color="C3", alpha=0.35, lw=0)
+        ax.plot(wave, mid, color="C3", lw=0.6, label="model (median, 16-84%)")
+        resid = np.where(wsum > 0, (fb - _bin(mid, factor).mean(-1)) * np.sqrt(wsum), np.nan)
+        ax_resid.plot(xb, resid, color="0.3", lw=0.5)
+    ax_resid.axhline(0, color="C3", lw=0.8)
+    bad = iv <= 0
+    if bad.any():  # shade masked stretches
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], bad.astype(int), [0]])))
+        for a, b in zip(edges[::2], edges[1::2]):
+            for axis in (ax, ax_resid):
+                axis.axvspan(wave[a], wave[min(b, len(wave) - 1)], color="0.9", zorder=0)
+    good = np.isfinite(fb)
+    if good.any():
+        top = np.percentile(fb[good], 99.5) * 1.3
+        ax.set_ylim(min(0, np.percentile(fb[good], 0.5)), top)
+    ax_resid.set_ylim(-5, 5)
+    ax.set_ylabel(r"$f_\lambda$ [$10^{-17}$ erg s$^{-1}$ cm$^{-2}$ A$^{-1}$]")
+    ax_resid.set_ylabel(r"$\Delta/\sigma$")
+    ax_resid.set_xlabel("observed wavelength [A, vacuum]")
+    ax.set_xticklabels([])
+    ax.legend(fontsize=7, loc="upper right")
+
+
 def plot_photometric_fit(ax, idata, obs, photometry, galaxy: int) -> None:
     """Observed band fluxes (uJy, with 1-sigma errors; missing bands left out) and the
     posterior-predictive model (16-84% range) against effective wavelength (um) on ``ax``."""
@@ -141,13 +213,16 @@ def plot_fit(idata, obs, photometry, galaxy: int, path: str | Path, prior: dict 
              truth: dict | None = None, corner: tuple[str, ...] = ("log_stellar_mass", "log_ssfr_100myr",
                                                                    "mass_weighted_age", "tau_ism"),
              title: str = "") -> None:
-    """One galaxy's fit: photometric SED with the posterior-predictive model, SFH band, and a corner plot
-    of ``corner`` (posterior over prior, truths when given), written to ``path``.
+    """One galaxy's fit, written to ``path``: the spectrum with the posterior-predictive model and
+    residuals (when the observation has a spectrum), the photometric SED (when it has
+    photometry), the SFH and metallicity-history bands, and a corner plot of ``corner``
+    (posterior over prior, truths when given).
 
     Arguments:
-        idata: InferenceData with ``posterior`` (incl. ``sfh_sfr``, ``sfh_edges``) and ``posterior_predictive``.
+        idata: InferenceData with ``posterior`` (incl. ``sfh_sfr``, ``sfh_edges``, ``zh_log_z``) and
+            ``posterior_predictive``.
         obs: The fitted :class:`~sedppl.data.Observation` (one galaxy or a batch).
-        photometry: The model's :class:`~sedppl.photometry.Photometry`.
+        photometry: The model's :class:`~sedppl.photometry.Photometry`, or None.
         galaxy: Index in the batch.
         prior: {name: prior draws} for the corner plot, or None.
         truth: {name: (N,) values} (mocks), or None.
@@ -157,11 +232,24 @@ def plot_fit(idata, obs, photometry, galaxy: int, path: str | Path, prior: dict 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(14, 6.5))
-    left, right = fig.subfigures(1, 2, width_ratios=[1, 1.1])
-    a1, a2 = left.subplots(2, 1)
-    plot_photometric_fit(a1, idata, obs, photometry, galaxy)
-    plot_sfh(a2, idata, galaxy, truth)
+    spectrum = obs.has_spectrum and hasattr(idata, "posterior_predictive") \
+        and "spectrum" in idata.posterior_predictive
+    fig = plt.figure(figsize=(14, 11 if spectrum else 6.5))
+    if spectrum:
+        top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.5])
+        a_s, a_r = top.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.05})
+        plot_spectrum_fit(a_s, a_r, idata, obs, galaxy)
+    else:
+        bottom = fig
+    left, right = bottom.subfigures(1, 2, width_ratios=[1, 1.1])
+    panels = []
+    if obs.has_photometry and photometry is not None:
+        panels.append(lambda ax: plot_photometric_fit(ax, idata, obs, photometry, galaxy))
+    panels.append(lambda ax: plot_sfh(ax, idata, galaxy, truth))
+    if "zh_log_z" in idata.posterior:
+        panels.append(lambda ax: plot_zh(ax, idata, galaxy, truth))
+    for draw, ax in zip(panels, np.atleast_1d(left.subplots(len(panels), 1))):
+        draw(ax)
     names = [c for c in corner if c in idata.posterior]
     plot_corner(right, idata, names, galaxy, prior=prior, truth=truth)
     fig.suptitle(title)
