@@ -86,7 +86,10 @@ class _ZooModel:
         return z, mass, edges, logz, av, av_bc, index
 
     def _observe_photometry(self, out, obs, band_ivar):
-        """Photometry likelihood; simulations without an ivar get 5% errors."""
+        """Photometry likelihood; simulations without an ivar get 5% errors; an observation
+        without photometry (a spectrum alone) has none."""
+        if obs is not None and not obs.has_photometry:
+            return
         bivar = obs.band_ivar if obs is not None else band_ivar
         if bivar is None:
             bivar = 1 / (0.05 * out.photometry.detach()) ** 2
@@ -122,7 +125,7 @@ class SpecPhotModel(_ZooModel):
     """
 
     def __init__(self, wave: np.ndarray = DESI_WAVE, bands: list[str] = DESI_BANDS,
-                 z_range: tuple[float, float] = (0.01, 0.6), resolving_power: float | None = 3000.0,
+                 z_range: tuple[float, float] = (0.002, 1.1), resolving_power: float | None = 3000.0,
                  ssp_rank: int | None = None, photometry_floor: float = 0.02,
                  fiber_fraction: tuple[float, float] | None = None, n_calibration: int = 0):
         self.fiber_fraction = fiber_fraction

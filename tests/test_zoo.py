@@ -73,7 +73,7 @@ def test_spectrum_model_prior_and_errors():
     p = Predictive(model, num_samples=1)(n_galaxies=4, redshift=torch.tensor([0.05, 0.1, 0.2, 0.4]))
     assert p["spectrum"].shape == (1, 4, len(model.forward_model.wave_obs))
     assert p["photometry"].shape == (1, 4, 5)
-    bad = Observation(redshift=0.9, bands=model.bands, band_flux=np.ones(5), band_ivar=np.ones(5))
+    bad = Observation(redshift=1.3, bands=model.bands, band_flux=np.ones(5), band_ivar=np.ones(5))
     with pytest.raises(ValueError, match="outside the model's range"):
         poutine.trace(model).get_trace(obs=bad)
     wrong = Observation(redshift=0.1, bands=["sdss_r"], band_flux=[1.0], band_ivar=[1.0])

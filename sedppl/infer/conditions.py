@@ -35,9 +35,15 @@ class ObservingConditions:
         masked_fraction: Largest fraction of the spectrum masked in one random
             contiguous stretch (drawn for a third of the galaxies), plus 1% of
             random single bins for every galaxy.
+        edge_fraction: Largest fraction of the spectrum masked at its blue end and,
+            independently, at its red end (each drawn for a third of the galaxies): a
+            spectrograph that covers less than the model's grid (e.g. SDSS's 3800-9200 A
+            on DESI's 3600-9824 A grid). 0 for none.
         snr_photometry: (low, high) S/N per band, log-uniform, with an independent
             offset of up to +-0.5 dex per band.
         missing_band_probability: Chance that each band is missing (ivar 0).
+        no_photometry_probability: Chance that a galaxy has no photometry at all (for
+            models with a spectrum: trains the posterior to serve spectra alone).
         photometry_floor: Fractional systematic error of the model's likelihood
             (added to the noise, not to the reported ivar).
     """
@@ -46,8 +52,10 @@ class ObservingConditions:
     spectrum_tilt: float = 0.3
     bin_factor: int = 8
     masked_fraction: float = 0.1
+    edge_fraction: float = 0.0
     snr_photometry: tuple[float, float] = (5.0, 200.0)
     missing_band_probability: float = 0.1
+    no_photometry_probability: float = 0.0
     photometry_floor: float = 0.0
 
     def spectrum(self, flux: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -66,6 +74,9 @@ class ObservingConditions:
         chunk = (x[None] + 1) / 2
         stretch = (chunk >= start) & (chunk < start + width) & (torch.rand(n, 1, generator=gen) < 1 / 3)
         valid &= ~stretch
+        if self.edge_fraction > 0:
+            cut = torch.rand(n, 2, generator=gen) * self.edge_fraction * (torch.rand(n, 2, generator=gen) < 1 / 3)
+            valid &= (chunk >= cut[:, :1]) & (chunk <= 1 - cut[:, 1:])
         noisy = flux + torch.randn(flux.shape, generator=gen) / torch.sqrt(ivar)
         ivar = torch.where(valid, ivar, torch.zeros_like(ivar))
         return torch.where(valid, noisy, torch.zeros_like(noisy)), ivar
@@ -80,7 +91,9 @@ class ObservingConditions:
         sigma = photometry_sigma(flux, ivar, self.photometry_floor)
         noisy = flux + sigma * torch.randn(flux.shape, generator=gen)
         present = torch.rand(n, k, generator=gen) >= self.missing_band_probability
-        # keep at least one band
+        # keep at least one band (unless the galaxy has no photometry at all, below)
         present[torch.arange(n), torch.randint(0, k, (n,), generator=gen)] = True
+        if self.no_photometry_probability > 0:
+            present &= torch.rand(n, 1, generator=gen) >= self.no_photometry_probability
         ivar = torch.where(present, ivar, torch.zeros_like(ivar))
         return torch.where(present, noisy, torch.zeros_like(noisy)), ivar

@@ -15,12 +15,14 @@ import torch
 from torch import Tensor, nn
 
 
-def scale_free(flux: Tensor, ivar: Tensor) -> tuple[Tensor, Tensor]:
+def scale_free(flux: Tensor, ivar: Tensor, allow_empty: bool = False) -> tuple[Tensor, Tensor]:
     """Per-galaxy channels (N, 3, L) and log10 scale (N,) of fluxes with inverse variance.
 
     Arguments:
         flux: (N, L) any flux unit; values where ivar = 0 are ignored.
         ivar: (N, L) inverse variance, 0 = masked or missing.
+        allow_empty: Accept galaxies with no valid value (all channels 0, log10 scale 0:
+            e.g. a spectrum without photometry); otherwise they raise ``ValueError``.
 
     Returns:
         (channels, log10 scale): channels are flux / s, log(s sqrt(ivar)) and the
@@ -29,14 +31,17 @@ def scale_free(flux: Tensor, ivar: Tensor) -> tuple[Tensor, Tensor]:
     valid = ivar > 0
     f = torch.where(valid, flux, torch.zeros_like(flux))
     wsum = ivar.sum(-1)
-    if torch.any(wsum <= 0):
+    empty = wsum <= 0
+    if torch.any(empty) and not allow_empty:
         raise ValueError("a galaxy has no valid pixels or bands (all ivar = 0)")
+    wsum = torch.where(empty, torch.ones_like(wsum), wsum)
     mean = (f * ivar).sum(-1) / wsum
     # plain mean (not ivar-weighted) of the valid values, floored by its standard error
     n_valid = valid.sum(-1).clamp(min=1)
     plain = f.sum(-1) / n_valid
     err = torch.sqrt(torch.where(valid, 1 / ivar.clamp(min=1e-30), torch.zeros_like(ivar)).sum(-1)) / n_valid
     s = torch.maximum(torch.where(plain > 0, plain, mean), 2 * err).clamp(min=1e-30)
+    s = torch.where(empty, torch.ones_like(s), s)
     scaled = (f / s[:, None]).clamp(-50, 50)
     snr = torch.where(valid, torch.log(s[:, None] * torch.sqrt(ivar.clamp(min=1e-30))).clamp(-10, 15),
                       torch.zeros_like(ivar))
@@ -102,7 +107,8 @@ class DataEncoder(nn.Module):
             parts.append(self.spectrum(ch))
             scalars.append((ls - self.scale_shift[0]) / self.scale_sd[0])
         if self.photometry is not None:
-            ch, ls = scale_free(photometry, photometry_ivar)
+            # with a spectrum, the photometry may be missing altogether (all ivar 0)
+            ch, ls = scale_free(photometry, photometry_ivar, allow_empty=self.spectrum is not None)
             parts.append(self.photometry(ch.flatten(1)))
             scalars.append((ls - self.scale_shift[1]) / self.scale_sd[1])
         if self.redshift_range is not None:

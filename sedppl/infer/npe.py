@@ -178,9 +178,14 @@ class NeuralPosterior(nn.Module):
                 ivar = torch.where(obs.mask.reshape(ivar.shape), ivar, torch.zeros_like(ivar))
             x["spectrum"], x["spectrum_ivar"] = bin_spectrum(flux, ivar, c.bin_factor)
             n = flux.shape[0]
-        if c.bands:
+        if c.bands and not obs.has_photometry and c.wave and self.conditions.no_photometry_probability > 0:
+            # a spectrum alone: trained for (all bands missing)
+            x["photometry"] = torch.zeros(n, len(c.bands))
+            x["photometry_ivar"] = torch.zeros(n, len(c.bands))
+        elif c.bands:
             if not obs.has_photometry:
-                raise ValueError(f"the {c.model} posterior needs photometry in {c.bands}")
+                raise ValueError(f"the {c.model} posterior needs photometry in {c.bands}"
+                                 + (" (it was not trained for spectra alone)" if c.wave else ""))
             obs.check_bands(c.bands)
             x["photometry"] = obs.band_flux.reshape(-1, len(c.bands))
             x["photometry_ivar"] = obs.band_ivar.reshape(-1, len(c.bands))
@@ -223,8 +228,9 @@ class NeuralPosterior(nn.Module):
                 why.append("spectrum amplitude outside the range of the training simulations")
             flags |= bad | amp
         if x["photometry"] is not None:
-            ch, ls = scale_free(x["photometry"], x["photometry_ivar"])
-            amp = (ls < self.log_scale_range[0, 1]) | (ls > self.log_scale_range[1, 1])
+            ch, ls = scale_free(x["photometry"], x["photometry_ivar"], allow_empty=True)
+            none = (x["photometry_ivar"] <= 0).all(-1)  # no photometry: nothing to check
+            amp = ~none & ((ls < self.log_scale_range[0, 1]) | (ls > self.log_scale_range[1, 1]))
             if amp.any():
                 why.append("photometric amplitude outside the range of the training simulations")
             valid = x["photometry_ivar"] > 0

@@ -179,13 +179,14 @@ def _set_input_ranges(post: NeuralPosterior, x: dict) -> None:
     for j, key in enumerate(("spectrum", "photometry")):
         if x[key] is None:
             continue
-        ch, ls = scale_free(x[key], x[f"{key}_ivar"])
+        keep = (x[f"{key}_ivar"] > 0).any(-1)  # galaxies drawn without photometry do not count
+        ch, ls = scale_free(x[key][keep], x[f"{key}_ivar"][keep])
         post.encoder.scale_shift[j] = ls.mean()
         post.encoder.scale_sd[j] = ls.std().clamp(min=1e-3)
         rng[:, j] = torch.quantile(ls, torch.tensor([0.001, 0.999]))
         if key == "photometry":
             r = ch[:, 0]
-            valid = x["photometry_ivar"] > 0
+            valid = x["photometry_ivar"][keep] > 0
             lo = [torch.quantile(r[valid[:, b], b], 0.001) for b in range(r.shape[1])]
             hi = [torch.quantile(r[valid[:, b], b], 0.999) for b in range(r.shape[1])]
             post.band_ratio_range.copy_(torch.tensor([lo, hi]))

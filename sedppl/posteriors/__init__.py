@@ -1,10 +1,13 @@
 """Trained amortized posteriors shipped with sedppl (weights as safetensors + JSON cards).
 
-=========  ====================  ==========================================================
-key        model                 data
-=========  ====================  ==========================================================
-``phot``   ``PhotometryModel``   SDSS ugriz (nanomaggies), redshift given, 0.01 <= z <= 0.2
-=========  ====================  ==========================================================
+============  ====================  ==========================================================
+key           model                 data
+============  ====================  ==========================================================
+``phot``      ``PhotometryModel``   SDSS ugriz (nanomaggies), redshift given, 0.01 <= z <= 0.2
+``specphot``  ``SpecPhotModel``     DESI spectrum (3600-9824 A, 0.8 A, binned by 8) with or
+                                    without DECam g, r, z + WISE W1, W2 (nanomaggies),
+                                    redshift given, 0.002 <= z <= 1.1
+============  ====================  ==========================================================
 
 Each card records the training budget and time and the calibration figures on
 1,000 held-out simulations; ``tests/infer/test_shipped.py`` checks that they
@@ -16,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 #: key -> (zoo model class name, file stem)
-SHIPPED = {"phot": ("PhotometryModel", "phot_sdss_ugriz")}
+SHIPPED = {"phot": ("PhotometryModel", "phot_sdss_ugriz"), "specphot": ("SpecPhotModel", "specphot_desi")}
 
 
 def shipped_path(key: str) -> Path:
