@@ -252,7 +252,8 @@ def _to_arviz(model, chains, args, kwargs, predictive, num_prior):
     parts = []
     for mcmc, stats in chains:
         samples = mcmc.get_samples(group_by_chain=False)
-        draws = Predictive(model, posterior_samples=samples,
+        # uncondition: the observed sites are drawn from the model (replicated data), not copied from the data
+        draws = Predictive(pyro.poutine.uncondition(model), posterior_samples=samples,
                            return_sites=None if predictive else sorted(derived))(*args, **kwargs)
         post_pred = {k: v for k, v in draws.items() if k not in derived} if predictive else None
         part = az.from_pyro(mcmc, posterior_predictive=post_pred, log_likelihood=True)
