@@ -31,8 +31,18 @@ def test_continuous_at_joins():
 
 
 def test_out_of_range():
-    with pytest.raises(ValueError, match="defined on 1250-33333"):
+    with pytest.raises(ValueError, match="defined on 1250-50000"):
         extinction_curve(torch.tensor([900.0, 5000.0]))
+    with pytest.raises(ValueError, match="defined on 1250-50000"):
+        extinction_curve(torch.tensor([60000.0]))
+
+
+def test_wise_coefficients():
+    """The infrared power law continued to WISE: A/E(B-V) = 3.1 A/A_V = 0.177 at 3.4 um (Yuan et al. 2013
+    measure 0.18) and 0.107 at 4.6 um (they measure 0.16; either is < 0.02 mag at E(B-V) = 0.1)."""
+    a = 3.1 * extinction_curve(torch.tensor([33680.0, 46180.0]))
+    assert float(a[0]) == pytest.approx(0.177, abs=0.005)
+    assert float(a[1]) == pytest.approx(0.107, abs=0.005)
 
 
 def test_deredden_spectrum_and_bands():
