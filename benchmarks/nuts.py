@@ -19,7 +19,6 @@ import time
 import warnings
 
 import arviz as az
-import numpy as np
 import pyro
 import torch
 from pyro.ops.integrator import potential_grad

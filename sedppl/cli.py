@@ -5,12 +5,17 @@
                                                  mock observations from a zoo model's prior
     sedppl train posterior --model {phot,specphot} [--n-sims N] [--max-epochs E] [--out FILE]
                                                  train (or resume) an amortized posterior, then calibrate it
-    sedppl fit INPUT [--method npe] [--model phot] [--posterior FILE] [--out DIR]
-                                                 posteriors for every galaxy of a mock file or catalog
+    sedppl fit INPUT [--method npe|nuts] [--model phot|specphot] [--posterior FILE] [--out DIR]
+                                                 posteriors for every galaxy of a mock file, SDSS/DESI
+                                                 spectrum file, or catalog
+    sedppl compare INPUT [--galaxy I] [--model phot|specphot]
+                                                 amortized vs NUTS posterior of one galaxy
     sedppl info                                  the SSP grid and filters sedppl can use
 
 Exit codes: 0 success, 2 bad arguments or input (with a message naming the problem),
-3 success, but some galaxies lie outside the posterior's training distribution.
+3 success, but some galaxies lie outside the posterior's training distribution or
+  fail the posterior-predictive check (chi2/dof > 3),
+4 success, but NUTS did not converge for some galaxies (R-hat > 1.01 or divergences).
 """
 
 from __future__ import annotations
@@ -113,7 +118,6 @@ def _zoo_model(name: str):
 
 
 def _train(args: argparse.Namespace) -> int:
-    import json
 
     import torch
 
@@ -127,8 +131,15 @@ def _train(args: argparse.Namespace) -> int:
     model = _zoo_model(args.model)
     name = {"phot": "PhotometryModel", "specphot": "SpecPhotModel"}[args.model]
     t0 = time.time()
+    conditions = None
+    if args.model == "specphot":
+        from .infer.conditions import ObservingConditions
+
+        # spectra alone (no photometry), other spectrographs' coverage (e.g. SDSS on the DESI grid)
+        conditions = ObservingConditions(masked_fraction=0.15, edge_fraction=0.1, no_photometry_probability=0.15,
+                                         photometry_floor=model.photometry_floor)
     post = train_npe(model, args.out, n_sims=args.n_sims, n_valid=max(100, args.n_sims // 20), model_name=name,
-                     seed=args.seed, max_epochs=args.max_epochs, patience=args.patience, progress=True)
+                     conditions=conditions, seed=args.seed, max_epochs=args.max_epochs, patience=args.patience, progress=True)
     print(f"[sedppl] trained in {time.time() - t0:.0f} s: {post.card.epochs} epochs, "
           f"validation loss {post.card.valid_loss:.3f}")
     if args.n_calibration:
@@ -145,60 +156,104 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_input(args: argparse.Namespace):
-    """(Observation, truths or None) from a sedppl mock file or a photometry catalog."""
-    from astropy.io import fits
+def _read_input(args: argparse.Namespace, model):
+    from .inputs import read_input
 
-    from .catalogs import read_photometry_catalog
-    from .mocks import read_mocks
-
-    path = Path(args.input)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if args.bands is None:
-        try:
-            with fits.open(path) as h:
-                is_mock = "TRUTH" in {x.name for x in h}
-        except Exception:
-            is_mock = False
-        if not is_mock:
-            raise ValueError(f"{path} is not a sedppl mock file; for a catalog give --bands, --flux-columns and "
-                             "--error-columns (and --z-column)")
-        mock = read_mocks(path)
-        return mock.obs, {k: v.numpy() for k, v in mock.truth.items()}
     split = (lambda v: [c.strip() for c in v.split(",")] if v else None)  # noqa: E731
-    return read_photometry_catalog(path, split(args.bands), split(args.flux_columns) or [],
-                                   split(args.error_columns) or [], unit=args.unit,
-                                   redshift_column=args.z_column, id_column=args.id_column), None
+    catalog = None
+    if args.bands is not None:
+        catalog = dict(bands=split(args.bands), flux_columns=split(args.flux_columns) or [],
+                       error_columns=split(args.error_columns) or [], unit=args.unit,
+                       redshift_column=args.z_column, id_column=args.id_column)
+    return read_input(args.input, model, catalog=catalog, out=args.out)
 
 
 def _fit(args: argparse.Namespace) -> int:
     import warnings
 
-    from .fitting import fit_catalog
+    from .fitting import fit_catalog, fit_nuts
     from .infer.npe import NeuralPosterior
     from .posteriors import load_shipped
 
-    if args.method != "npe":
-        raise ValueError("sedppl fit supports --method npe for now; run NUTS from Python "
-                         "(sedppl.infer.nuts.run_nuts), see docs/models.md")
     if args.draws < 10 or args.chunk < 1:
         raise ValueError("--draws must be >= 10 and --chunk >= 1")
-    obs, truth = _read_input(args)
-    post = (NeuralPosterior.load(args.posterior, _zoo_model(args.model)) if args.posterior
-            else load_shipped(args.model))
+    model = _zoo_model(args.model)
+    obs, truth = _read_input(args, model)
     t0 = time.time()
+    if args.method == "nuts":
+        table = fit_nuts(obs, model, args.out, num_samples=args.draws, warmup_steps=args.warmup,
+                         num_chains=args.chains, seed=args.seed, save_draws=not args.no_draws, plots=args.plots,
+                         truth=truth, max_tree_depth=args.max_tree_depth)
+        bad = int(((table["rhat_max"] > 1.01) | (table["divergences"] > 0)).sum())
+        print(f"[sedppl] {len(table)} galaxies fitted with NUTS in {time.time() - t0:.1f} s ({args.chains} chains x "
+              f"{args.draws} draws); median chi2/dof {np.nanmedian(table['chi2_dof']):.2f}; "
+              f"wrote {Path(args.out) / 'summary.ecsv'}")
+        if bad:
+            print(f"[sedppl] {bad} galaxies with R-hat > 1.01 or divergences (columns rhat_max, divergences): "
+                  "run longer chains", file=sys.stderr)
+            return 4
+        return 0
+    post = NeuralPosterior.load(args.posterior, model) if args.posterior else load_shipped(args.model, model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*outside the posterior's training distribution.*")
         table = fit_catalog(obs, post, args.out, chunk=args.chunk, num_samples=args.draws, seed=args.seed,
-                            save_draws=not args.no_draws, plots=args.plots, truth=truth)
-    n_ood = int(table["ood"].sum())
+                            save_draws=not args.no_draws, plots=args.plots, truth=truth, workers=args.workers,
+                            scheduler=args.scheduler)
+    n_ood, n_poor = int(table["ood"].sum()), int(table["poor_fit"].sum())
     print(f"[sedppl] {len(table)} galaxies fitted in {time.time() - t0:.1f} s ({args.draws} draws each); "
           f"median chi2/dof {np.nanmedian(table['chi2_dof']):.2f}; wrote {Path(args.out) / 'summary.ecsv'}")
-    if n_ood:
-        print(f"[sedppl] {n_ood} galaxies lie outside the posterior's training distribution (column 'ood'); "
-              "check them with NUTS", file=sys.stderr)
+    if n_ood or n_poor:
+        print(f"[sedppl] {n_ood} galaxies lie outside the posterior's training distribution (column 'ood') and "
+              f"{n_poor} fail the posterior-predictive check (chi2/dof > 3, column 'poor_fit'); check them with "
+              "--method nuts", file=sys.stderr)
         return 3
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from .diagnostics import compare_posteriors
+    from .fitting import n_galaxies, subset
+    from .infer.npe import NeuralPosterior
+    from .infer.nuts import check_convergence, run_nuts
+    from .plotting import plot_compare
+    from .posteriors import load_shipped
+
+    model = _zoo_model(args.model)
+    obs, _ = _read_input(args, model)
+    if not 0 <= args.galaxy < n_galaxies(obs):
+        raise ValueError(f"--galaxy {args.galaxy} is not in the file's {n_galaxies(obs)} galaxies")
+    one = subset(obs, slice(args.galaxy, args.galaxy + 1))
+    post = NeuralPosterior.load(args.posterior, model) if args.posterior else load_shipped(args.model, model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    npe = post.sample(one, num_samples=args.npe_draws, seed=args.seed)
+    t_npe = time.time() - t0
+    t0 = time.time()
+    nuts = run_nuts(model, one, num_samples=args.draws, warmup_steps=args.warmup, num_chains=args.chains,
+                    seed=args.seed, max_tree_depth=args.max_tree_depth, progress=True)
+    t_nuts = time.time() - t0
+    conv = check_convergence(nuts)
+    names = [p for p in args.params.split(",") if p in npe.posterior and p in nuts.posterior]
+    if not names:
+        raise ValueError(f"none of --params {args.params} is a scalar site of the {args.model} model")
+    flat = (lambda idata: {p: idata.posterior[p].values.reshape(-1) for p in names})  # noqa: E731
+    stats = compare_posteriors(flat(npe), flat(nuts), seed=args.seed)
+    npe.to_netcdf(str(out / "npe.nc"))
+    nuts.to_netcdf(str(out / "nuts.nc"))
+    record = {"galaxy": args.galaxy, "npe_seconds": round(t_npe, 3), "nuts_seconds": round(t_nuts, 1),
+              "nuts_convergence": conv, **stats}
+    (out / "compare.json").write_text(json.dumps(record, indent=1))
+    plot_compare(flat(npe), flat(nuts), out / "compare.png", stats=stats,
+                 title=f"{args.input} galaxy {args.galaxy}: NPE {t_npe:.2f} s, NUTS {t_nuts:.0f} s")
+    print(f"{'parameter':>22}  {'shift [sd]':>10}  {'width ratio':>11}")
+    for p in names:
+        print(f"{p:>22}  {stats['shift'][p]:+10.2f}  {stats['width_ratio'][p]:11.2f}")
+    print(f"classifier two-sample accuracy {stats['c2st_accuracy']:.3f} (null sd {stats['c2st_null_sd']:.3f}); "
+          f"NPE {t_npe:.2f} s, NUTS {t_nuts:.0f} s (R-hat max {conv['rhat_max']:.3f}, "
+          f"{conv['divergences']} divergences); wrote {out / 'compare.json'}, {out / 'compare.png'}")
     return 0
 
 
@@ -236,15 +291,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     t.add_argument("--out", default="posterior.safetensors", help="output weights (+ .json card)")
     t.set_defaults(func=_train)
-    f = sub.add_parser("fit", help="posteriors for every galaxy of a mock file or photometry catalog (resumable)")
-    f.add_argument("input", help="a file from `sedppl simulate`, or a photometry catalog (FITS/ECSV/CSV)")
-    f.add_argument("--method", choices=["npe", "nuts"], default="npe", help="npe: amortized posterior (default)")
+    f = sub.add_parser("fit", help="posteriors for every galaxy of a mock file, spectrum file or photometry catalog "
+                                   "(resumable)")
+    f.add_argument("input", help="a file from `sedppl simulate`, an SDSS spec-*.fits or DESI coadd-*.fits file "
+                                 "(use --model specphot), or a photometry catalog (FITS/ECSV/CSV)")
+    f.add_argument("--method", choices=["npe", "nuts"], default="npe",
+                   help="npe: amortized posterior, milliseconds a galaxy (default); nuts: MCMC, minutes a galaxy")
     f.add_argument("--model", choices=["phot", "specphot"], default="phot", help="zoo model (default phot)")
     f.add_argument("--posterior", default=None, help="a trained posterior (.safetensors); default: the shipped one")
     f.add_argument("--out", default="fit", help="output folder (default fit); a rerun resumes")
-    f.add_argument("--draws", type=int, default=1000, help="posterior draws per galaxy (default 1000)")
+    f.add_argument("--draws", type=int, default=1000,
+                   help="posterior draws per galaxy (npe) or per chain (nuts) (default 1000)")
+    f.add_argument("--warmup", type=int, default=500, help="nuts: warmup steps per chain (default 500)")
+    f.add_argument("--chains", type=int, default=2, help="nuts: chains per galaxy (default 2)")
+    f.add_argument("--max-tree-depth", type=int, default=8, help="nuts: maximum tree depth (default 8)")
     f.add_argument("--chunk", type=int, default=500, help="galaxies per checkpointed chunk (default 500)")
     f.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    f.add_argument("--workers", type=int, default=1,
+                   help="npe: local worker processes for the chunks (a Dask LocalCluster; default 1: this process)")
+    f.add_argument("--scheduler", default=None,
+                   help="npe: address of a Dask scheduler (e.g. tcp://host:8786) to send the chunks to")
     f.add_argument("--plots", type=int, default=0,
                    help="figures (SED fit, SFH, corner over the prior) for the first N galaxies, in OUT/plots")
     f.add_argument("--no-draws", action="store_true", help="write the summary table only, not the NetCDF draws")
@@ -255,6 +321,25 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--z-column", default=None, help="catalog: redshift column")
     f.add_argument("--id-column", default=None, help="catalog: galaxy name column")
     f.set_defaults(func=_fit)
+    c = sub.add_parser("compare", help="amortized (NPE) vs NUTS posterior of one galaxy: shifts, widths, "
+                                       "classifier test, overlay plot")
+    c.add_argument("input", help="a mock file, SDSS/DESI spectrum file or catalog (as for fit)")
+    c.add_argument("--galaxy", type=int, default=0, help="row of the galaxy in the file (default 0)")
+    c.add_argument("--model", choices=["phot", "specphot"], default="phot", help="zoo model (default phot)")
+    c.add_argument("--posterior", default=None, help="a trained posterior (.safetensors); default: the shipped one")
+    c.add_argument("--params", default="log_stellar_mass,log_ssfr_100myr,mass_weighted_age,tau_ism,tau_bc,dust_index",
+                   help="comma-separated scalar sites to compare")
+    c.add_argument("--npe-draws", type=int, default=4000, help="NPE draws (default 4000)")
+    c.add_argument("--draws", type=int, default=500, help="NUTS draws per chain (default 500)")
+    c.add_argument("--warmup", type=int, default=500, help="NUTS warmup per chain (default 500)")
+    c.add_argument("--chains", type=int, default=2, help="NUTS chains (default 2)")
+    c.add_argument("--max-tree-depth", type=int, default=8, help="NUTS maximum tree depth (default 8)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default="compare", help="output folder (default compare)")
+    for flag in ("--bands", "--flux-columns", "--error-columns", "--z-column", "--id-column"):
+        c.add_argument(flag, default=None, help="catalog columns, as for fit")
+    c.add_argument("--unit", default="nanomaggies", help="catalog: nanomaggies, microjansky or ab_mag")
+    c.set_defaults(func=_compare)
     i = sub.add_parser("info", help="the SSP grid and the filters available")
     i.set_defaults(func=_info)
     return p

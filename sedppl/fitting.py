@@ -7,17 +7,25 @@ each written to a temporary name and renamed, so a killed run leaves only
 complete chunks and a rerun skips them. The final table ``summary.ecsv`` (and
 ``summary.fits``) is assembled from the chunk tables, so a resumed run gives the
 same table as an uninterrupted one (draws depend only on the seed and the chunk).
+Chunks run in this process, in local worker processes, or on a Dask cluster
+(``workers`` / ``scheduler``); either way this process writes the files.
+
+:func:`fit_nuts` does the same with NUTS, one galaxy at a time, adding the
+convergence flags ``rhat_max``, ``ess_bulk_min`` and ``divergences``.
 
 Summary columns: ``name``; for every latent and derived site (vector sites per
 element) ``<site>_p16``, ``_p50``, ``_p84``; ``chi2_dof`` of the data against the
 median posterior-predictive model (noise model of the fit, bands/pixels with
-ivar 0 left out); ``ood`` (True when the posterior warned that the galaxy lies
-outside its training distribution).
+ivar 0 left out); ``poor_fit`` (chi2/dof > 3: the posterior-predictive check
+failed, e.g. an amortized posterior out of its depth; check with NUTS); ``ood``
+(True when the posterior warned that the galaxy lies outside its training
+distribution).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -25,6 +33,10 @@ import numpy as np
 import torch
 
 from .data import Observation
+
+#: chi2/dof of the data against the median posterior-predictive model above which a fit is flagged
+#: ``poor_fit`` (model mismatch at high S/N gives 1-3; an amortized posterior that failed, far more).
+POOR_FIT_CHI2 = 3.0
 
 
 def subset(obs: Observation, idx: slice) -> Observation:
@@ -43,8 +55,9 @@ def n_galaxies(obs: Observation) -> int:
     return 1 if data.dim() == 1 else data.shape[0]
 
 
-def summarize(idata, obs: Observation, post, ood: np.ndarray):
-    """Summary table of one chunk: percentiles of every variable, chi2/dof and flags."""
+def summarize(idata, obs: Observation, model, ood: np.ndarray):
+    """Summary table of one chunk (``model``: the Pyro model fitted): percentiles of every variable,
+    chi2/dof and flags."""
     from astropy.table import Table
 
     n = n_galaxies(obs)
@@ -56,12 +69,13 @@ def summarize(idata, obs: Observation, post, ood: np.ndarray):
             label = var if v.shape[-1] == 1 else f"{var}_{j}"
             p16, p50, p84 = np.percentile(v[..., j], [16, 50, 84], axis=0)
             cols[f"{label}_p16"], cols[f"{label}_p50"], cols[f"{label}_p84"] = p16, p50, p84
-    cols["chi2_dof"] = chi2_dof(idata, obs, post)
+    cols["chi2_dof"] = chi2_dof(idata, obs, model)
+    cols["poor_fit"] = cols["chi2_dof"] > POOR_FIT_CHI2
     cols["ood"] = ood
     return Table(cols)
 
 
-def chi2_dof(idata, obs: Observation, post) -> np.ndarray:
+def chi2_dof(idata, obs: Observation, model) -> np.ndarray:
     """chi2 per used band/pixel of the data against the median posterior-predictive model.
 
     Uses the photometry (nanomaggies) and/or the spectrum predicted by the model at
@@ -80,7 +94,7 @@ def chi2_dof(idata, obs: Observation, post) -> np.ndarray:
         f, iv = obs.band_flux.reshape(n, -1), obs.band_ivar.reshape(n, -1)
         ok = iv > 0
         sig = photometry_sigma(pred, torch.where(ok, iv, torch.ones_like(iv)),
-                               float(getattr(post.model, "photometry_floor", 0.0)))
+                               float(getattr(model, "photometry_floor", 0.0)))
         chi2 += torch.where(ok, ((f - pred) / sig) ** 2, torch.zeros_like(f)).sum(-1).numpy()
         dof += ok.sum(-1).numpy()
     if "spectrum" in pp and obs.has_spectrum:
@@ -107,79 +121,193 @@ def prior_draws(model, n: int, redshift: float | None, seed: int = 0) -> dict[st
             and v["value"].shape[0] == n}
 
 
-def _plots(idata, part: Observation, post, first: int, count: int, folder: Path, truth) -> None:
+def _plots(idata, part: Observation, model, label: str, first: int, count: int, folder: Path, truth) -> None:
     from .plotting import plot_fit
 
     folder.mkdir(parents=True, exist_ok=True)
-    phot = post.model.forward_model.photometry
+    phot = getattr(getattr(model, "forward_model", None), "photometry", None)
     names = part.name if isinstance(part.name, list) else [f"galaxy{first + i}" for i in range(n_galaxies(part))]
     for g in range(min(count, n_galaxies(part))):
         z = None if part.redshift is None else float(part.redshift.reshape(-1)[g if part.redshift.numel() > 1 else 0])
-        prior = prior_draws(post.model, 2000, z)
+        prior = prior_draws(model, 2000, z)
         t = None if truth is None else {k: np.asarray(v)[first: first + n_galaxies(part)] for k, v in truth.items()}
         plot_fit(idata, part, phot, g, folder / f"{names[g]}.png", prior=prior, truth=t,
-                 title=f"{names[g]} ({post.card.model}, z = {z})")
+                 title=f"{names[g]} ({label}, z = {z:.5g})" if z is not None else f"{names[g]} ({label})")
+
+
+#: Pyro's effect handlers live on one global stack per process, so two threads must not run a
+#: model at once: chunks sent to a threaded Dask worker take turns.
+_PYRO_LOCK = threading.Lock()
+
+
+def _fit_chunk(post, part: Observation, seed: int, num_samples: int, threads: int | None = None):
+    """One chunk: (summary table, InferenceData, warnings other than out-of-distribution ones).
+    Runs wherever the chunk is sent (this process, a local worker process, a Dask worker)."""
+    if threads:
+        torch.set_num_threads(threads)
+    with _PYRO_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = post.inputs(part, warn=False)
+        ood = post.ood_flags(x)
+        idata = post.sample(part, num_samples=num_samples, seed=seed, predictive=True, check=False)
+    table = summarize(idata, part, post.model, ood)
+    return table, idata, [str(w.message) for w in caught if "training distribution" not in str(w.message)]
 
 
 def fit_catalog(obs: Observation, post, out: str | Path, chunk: int = 500, num_samples: int = 1000,
                 seed: int = 0, save_draws: bool = True, progress: bool = True, plots: int = 0,
-                truth: dict | None = None):
-    """Fit every galaxy of ``obs`` with a neural posterior, resumably.
+                truth: dict | None = None, workers: int = 1, scheduler: str | None = None,
+                processes: bool = True):
+    """Fit every galaxy of ``obs`` with a neural posterior, resumably, here or on a Dask cluster.
 
     Arguments:
         obs: A batch observation (catalog or spectra).
         post: :class:`sedppl.infer.npe.NeuralPosterior`.
         out: Output folder (``summary.ecsv``, ``summary.fits``, ``chunks/``).
-        chunk: Galaxies per chunk (a chunk is the unit of checkpointing).
+        chunk: Galaxies per chunk (a chunk is the unit of checkpointing and of parallel work).
         num_samples: Posterior draws per galaxy.
-        seed: Seed; chunk i draws with seed + i.
+        seed: Seed; chunk i draws with seed + i, wherever it runs.
         save_draws: Also write each chunk's draws as NetCDF.
-        plots: Write a figure (photometric fit, SFH, corner over the prior) for the first ``plots``
-            galaxies to ``plots/<name>.png``.
+        plots: Write a figure (spectrum and/or photometric fit, SFH, ZH, corner over the prior) for the
+            first ``plots`` galaxies to ``plots/<name>.png``.
         truth: {site: (N,) true values} (mocks) to mark on the figures.
+        workers: Local worker processes (a ``dask.distributed.LocalCluster`` with one torch
+            thread each) when > 1; 1 runs the chunks in this process.
+        scheduler: Address of a running Dask scheduler (e.g. ``tcp://host:8786``) to send
+            the chunks to instead; results come back here and are written by this process.
+        processes: With ``workers`` > 1, worker processes (True) or threads (False; they take
+            turns, since Pyro's handler stack is per process: for tests and debugging).
 
     Returns:
         The summary table (astropy ``Table``).
     """
-    from astropy.table import Table, vstack
+    from astropy.table import Table
     from tqdm.auto import tqdm
 
     out = Path(out)
     (out / "chunks").mkdir(parents=True, exist_ok=True)
     n = n_galaxies(obs)
-    tables = []
     n_chunks = -(-n // chunk)
-    for i in tqdm(range(n_chunks), disable=not progress, desc="fitting", unit="chunk"):
+    path = (lambda i: out / "chunks" / f"summary_{i:05d}.ecsv")  # noqa: E731
+    todo = [i for i in range(n_chunks) if not path(i).exists()]
+    part = (lambda i: subset(obs, slice(i * chunk, min(n, (i + 1) * chunk))))  # noqa: E731
+    bar = tqdm(total=n_chunks, initial=n_chunks - len(todo), disable=not progress, desc="fitting", unit="chunk")
+
+    def finish(i, table, idata, messages):
+        if i * chunk < plots:
+            _plots(idata, part(i), post.model, post.card.model, i * chunk, plots - i * chunk, out / "plots", truth)
+        if save_draws:
+            nc = out / "chunks" / f"posterior_{i:05d}.nc"
+            idata.to_netcdf(str(nc) + ".tmp")
+            os.replace(str(nc) + ".tmp", nc)
+        table.write(str(path(i)) + ".tmp", format="ascii.ecsv", overwrite=True)
+        os.replace(str(path(i)) + ".tmp", path(i))
+        for m in messages:
+            warnings.warn(m)
+        bar.update(1)
+
+    if todo and (workers > 1 or scheduler is not None):
+        from dask.distributed import Client, LocalCluster, as_completed
+
+        if scheduler is not None:
+            client = Client(scheduler)
+        else:
+            client = Client(LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes,
+                                         dashboard_address=None))
+        try:
+            remote = client.scatter(post, broadcast=True)
+            threads = 1 if (scheduler is None and processes) else None  # one torch thread per local process
+            futures = {client.submit(_fit_chunk, remote, part(i), seed + i, num_samples, threads, pure=False): i
+                       for i in todo}
+            for fut in as_completed(futures):
+                finish(futures[fut], *fut.result())
+        finally:
+            client.close()
+            if scheduler is None:
+                client.cluster.close() if client.cluster is not None else None
+    else:
+        for i in todo:
+            finish(i, *_fit_chunk(post, part(i), seed + i, num_samples))
+    bar.close()
+    tables = [Table.read(path(i)) for i in range(n_chunks)]
+    summary = _write_summary(tables, out, f"sedppl fit: {post.card.model} posterior, {num_samples} draws per "
+                             "galaxy, 16/50/84th percentiles; units as in docs/conventions.md")
+    if summary["ood"].any():
+        warnings.warn(f"{int(summary['ood'].sum())} of {len(summary)} galaxies lie outside the posterior's training "
+                      "distribution (column 'ood'); check them with --method nuts")
+    return summary
+
+
+def _write_summary(tables: list, out: Path, comment: str):
+    """Stack the chunk tables and write ``summary.ecsv`` and ``summary.fits`` atomically."""
+    from astropy.table import vstack
+
+    summary = vstack(tables)
+    summary.meta["comments"] = [comment]
+    for name, fmt in (("summary.ecsv", "ascii.ecsv"), ("summary.fits", "fits")):
+        summary.write(str(out / name) + ".tmp", format=fmt, overwrite=True)
+        os.replace(str(out / name) + ".tmp", out / name)
+    return summary
+
+
+def fit_nuts(obs: Observation, model, out: str | Path, num_samples: int = 500, warmup_steps: int = 500,
+             num_chains: int = 2, seed: int = 0, save_draws: bool = True, progress: bool = True, plots: int = 0,
+             truth: dict | None = None, **nuts_kwargs):
+    """Fit every galaxy of ``obs`` with NUTS, one galaxy at a time, resumably.
+
+    Each galaxy's draws go to ``chunks/nuts_NNNNN.nc`` and its summary row to
+    ``chunks/summary_NNNNN.ecsv`` (atomic writes; a rerun skips finished galaxies).
+    The summary has the columns of :func:`fit_catalog` (``ood`` is False: NUTS has no
+    training distribution) plus the convergence flags ``rhat_max``, ``ess_bulk_min``
+    and ``divergences``.
+
+    Arguments:
+        obs: A batch observation.
+        model: The Pyro model (e.g. a zoo model).
+        out: Output folder.
+        num_samples, warmup_steps, num_chains: Per galaxy and chain (see :func:`sedppl.infer.nuts.run_nuts`).
+        seed: Galaxy i runs with seed + i.
+        plots, truth: As in :func:`fit_catalog`.
+        **nuts_kwargs: Passed on to :func:`sedppl.infer.nuts.run_nuts`.
+
+    Returns:
+        The summary table (astropy ``Table``).
+    """
+    from astropy.table import Table
+    from tqdm.auto import tqdm
+
+    from .infer.nuts import check_convergence, run_nuts
+
+    out = Path(out)
+    (out / "chunks").mkdir(parents=True, exist_ok=True)
+    n = n_galaxies(obs)
+    tables = []
+
+    for i in tqdm(range(n), disable=not progress, desc="NUTS", unit="galaxy"):
         path = out / "chunks" / f"summary_{i:05d}.ecsv"
         if path.exists():
             tables.append(Table.read(path))
             continue
-        part = subset(obs, slice(i * chunk, min(n, (i + 1) * chunk)))
+        part = subset(obs, slice(i, i + 1))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            x = post.inputs(part, warn=False)
-            ood = post.ood_flags(x)
-            idata = post.sample(part, num_samples=num_samples, seed=seed + i, predictive=True, check=False)
-        table = summarize(idata, part, post, ood)
-        if i * chunk < plots:
-            _plots(idata, part, post, i * chunk, plots - i * chunk, out / "plots", truth)
+            idata = run_nuts(model, part, num_samples=num_samples, warmup_steps=warmup_steps,
+                             num_chains=num_chains, seed=seed + i, progress=False, predictive=True, **nuts_kwargs)
+            conv = check_convergence(idata)
+        table = summarize(idata, part, model, np.zeros(1, dtype=bool))
+        table["rhat_max"], table["ess_bulk_min"], table["divergences"] = (
+            [conv["rhat_max"]], [conv["ess_bulk_min"]], [conv["divergences"]])
+        if i < plots:
+            _plots(idata, part, model, f"{type(model).__name__}, NUTS", i, 1, out / "plots", truth)
         if save_draws:
-            nc = out / "chunks" / f"posterior_{i:05d}.nc"
+            nc = out / "chunks" / f"nuts_{i:05d}.nc"
             idata.to_netcdf(str(nc) + ".tmp")
             os.replace(str(nc) + ".tmp", nc)
         table.write(str(path) + ".tmp", format="ascii.ecsv", overwrite=True)
         os.replace(str(path) + ".tmp", path)
         tables.append(table)
         for w in caught:
-            if "training distribution" not in str(w.message):
-                warnings.warn(w.message, w.category)
-    summary = vstack(tables)
-    summary.meta["comments"] = [f"sedppl fit: {post.card.model} posterior, {num_samples} draws per galaxy, "
-                                "16/50/84th percentiles; units as in docs/conventions.md"]
-    for name, fmt in (("summary.ecsv", "ascii.ecsv"), ("summary.fits", "fits")):
-        summary.write(str(out / name) + ".tmp", format=fmt, overwrite=True)
-        os.replace(str(out / name) + ".tmp", out / name)
-    if summary["ood"].any():
-        warnings.warn(f"{int(summary['ood'].sum())} of {len(summary)} galaxies lie outside the posterior's training "
-                      "distribution (column 'ood'); check them with --method nuts")
-    return summary
+            if "converge" in str(w.message):
+                warnings.warn(f"galaxy {i}: {w.message}", w.category)
+    return _write_summary(tables, out, f"sedppl fit --method nuts: {type(model).__name__}, {num_chains} chains x "
+                          f"{num_samples} draws per galaxy, 16/50/84th percentiles; units as in docs/conventions.md")

@@ -147,7 +147,7 @@ def plot_spectrum_fit(ax, ax_resid, idata, obs, galaxy: int, factor: int = 4) ->
     ax.set_ylabel(r"$f_\lambda$ [$10^{-17}$ erg s$^{-1}$ cm$^{-2}$ A$^{-1}$]")
     ax_resid.set_ylabel(r"$\Delta/\sigma$")
     ax_resid.set_xlabel("observed wavelength [A, vacuum]")
-    ax.set_xticklabels([])
+    ax.tick_params(labelbottom=False)
     ax.legend(fontsize=7, loc="upper right")
 
 
@@ -253,5 +253,46 @@ def plot_fit(idata, obs, photometry, galaxy: int, path: str | Path, prior: dict 
     names = [c for c in corner if c in idata.posterior]
     plot_corner(right, idata, names, galaxy, prior=prior, truth=truth)
     fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], path: str | Path,
+                 labels: tuple[str, str] = ("NPE", "NUTS"), stats: dict | None = None, title: str = "") -> None:
+    """Overlaid marginal posteriors of two fits of one galaxy (e.g. amortized vs NUTS), one panel a parameter.
+
+    Arguments:
+        a, b: {parameter: draws (L,)}; ``b`` is the reference.
+        path: Output file.
+        labels: Legend names of ``a`` and ``b``.
+        stats: :func:`sedppl.diagnostics.compare_posteriors` output, to print the shift (in sd of
+            ``b``) and width ratio on each panel, and the classifier accuracy in the title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(b)
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    for ax, p in zip(axes.flat, names):
+        both = np.concatenate([np.ravel(a[p]), np.ravel(b[p])])
+        bins = np.linspace(*np.percentile(both, [0.5, 99.5]), 40)
+        ax.hist(np.ravel(b[p]), bins=bins, density=True, color="0.7", label=labels[1])
+        ax.hist(np.ravel(a[p]), bins=bins, density=True, histtype="step", color="C0", lw=1.4, label=labels[0])
+        ax.set_xlabel(p, fontsize=8)
+        ax.set_yticks([])
+        ax.tick_params(labelsize=7)
+        if stats is not None:
+            ax.set_title(f"shift {stats['shift'][p]:+.2f} sd, width x{stats['width_ratio'][p]:.2f}", fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    axes[0, 0].legend(fontsize=7)
+    if stats is not None:
+        title = f"{title}  (classifier accuracy {stats['c2st_accuracy']:.3f}; 0.5 = indistinguishable)".strip()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -100,7 +100,7 @@ def _correlate(a: Tensor, b: Tensor, n_shift: int, nfft: int) -> Tensor:
     return torch.fft.irfft(fa.conj() * fb, n=nfft)[..., :n_shift]
 
 
-def measure_redshift(obs: Observation, z_range: tuple[float, float] = (0.0, 0.6), sigma_v: float = 150.0,
+def measure_redshift(obs: Observation, z_range: tuple[float, float] = (0.0, 1.6), sigma_v: float = 150.0,
                      poly_degree: int = 3, dlnlam: float = 1e-4, exclusion_kms: float = 1000.0) -> RedshiftResult:
     """Redshift of one spectrum by a template chi2 scan.
 

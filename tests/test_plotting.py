@@ -3,7 +3,6 @@
 import arviz as az
 import numpy as np
 import pytest
-import torch
 
 from sedppl.data import Observation
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import torch
 
 from sedppl.readers import SpectrumFileError, read_desi_coadd, read_sdss_spectrum
 from sedppl.zoo import DESI_WAVE

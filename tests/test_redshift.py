@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from sedppl.data import Observation
 from sedppl.readers import read_sdss_spectrum
