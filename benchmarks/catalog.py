@@ -35,7 +35,9 @@ def run(cmd: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS of the child in GiB) of a command."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if r.returncode not in (0, 3):  # 3: some galaxies flagged (ood / poor_fit), the fit itself completed
+        raise RuntimeError(f"{' '.join(cmd)} exited with {r.returncode}")
     wall = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux: the largest child so far
     return wall, max(peak, before) / 2**20
