@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fit the real spectra shipped with ppxf (SDSS DR18: NGC 3073, NGC 3522) and specutils (DESI coadds)
 # with the shipped DESI-like spectrum posterior (and, with NUTS=1, NUTS on NGC 3073 and NGC 3522 for
-# comparison). Outputs in ${OUT:-runs/real}; figures used by docs/data.md are copied to docs/figures/.
+# comparison). Outputs in ${OUT:-runs/real}; docs/figures/desi_39627866878514741.png is one of its figures.
 #
 #   bash examples/real_spectra.sh            # NPE only: seconds
 #   NUTS=1 bash examples/real_spectra.sh     # + NUTS (one chain of 100 + 100 per galaxy: tens of minutes)
@@ -10,7 +10,7 @@ OUT=${OUT:-runs/real}
 PPXF=$(python -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('ppxf').origin))")
 SPECUTILS=$(python -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('specutils').origin))")
 DESI=$SPECUTILS/io/default_loaders/tests/desi_test_data
-mkdir -p "$OUT" docs/figures
+mkdir -p "$OUT"
 for g in NGC3073 NGC3522; do
   sedppl fit "$PPXF/spectra/${g}_SDSS_DR18.fits" --model specphot --out "$OUT/$g" --plots 1 || [ $? -eq 3 ]
 done
