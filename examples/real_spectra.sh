@@ -3,8 +3,8 @@
 # with the shipped DESI-like spectrum posterior (and, with NUTS=1, NUTS on NGC 3073 and NGC 3522 for
 # comparison). Outputs in ${OUT:-runs/real}; docs/figures/desi_39627866878514741.png is one of its figures.
 #
-#   bash examples/real_spectra.sh            # NPE only: seconds
-#   NUTS=1 bash examples/real_spectra.sh     # + NUTS (one chain of 100 + 100 per galaxy: tens of minutes)
+#   bash examples/real_spectra.sh            # NPE only: about 2 minutes on 2 cores
+#   NUTS=1 bash examples/real_spectra.sh     # + NUTS: slow (one chain of 10 + 10 on NGC 3073 took 694 s)
 set -euo pipefail
 OUT=${OUT:-runs/real}
 PPXF=$(python -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('ppxf').origin))")
