@@ -62,37 +62,32 @@ def _draws(idata, name: str, galaxy: int, group: str = "posterior") -> np.ndarra
     return v[:, galaxy]
 
 
-def plot_sfh(ax, idata, galaxy: int, truth: dict | None = None) -> None:
-    """Star-formation history band (16-50-84%) against lookback time (Gyr) on ``ax``."""
-    sfr = _draws(idata, "sfh_sfr", galaxy)
+def _history_band(ax, idata, galaxy: int, site: str, color: str, truth: dict | None) -> None:
+    """16-50-84% band of a per-bin history ``site`` against lookback time (Gyr, the ``sfh_edges`` bins)."""
+    values = _draws(idata, site, galaxy)
     edges = np.median(_draws(idata, "sfh_edges", galaxy), axis=0)
-    lo, mid, hi = np.percentile(sfr, [16, 50, 84], axis=0)
-    ax.stairs(hi, edges, baseline=lo, fill=True, color="C2", alpha=0.3, label="posterior 16-84%")
-    ax.stairs(mid, edges, color="C2", label="median")
-    if truth is not None and "sfh_sfr" in truth:
-        ax.stairs(np.asarray(truth["sfh_sfr"])[galaxy], np.asarray(truth["sfh_edges"])[galaxy], color="k",
+    lo, mid, hi = np.percentile(values, [16, 50, 84], axis=0)
+    ax.stairs(hi, edges, baseline=lo, fill=True, color=color, alpha=0.3, label="posterior 16-84%")
+    ax.stairs(mid, edges, color=color, label="median")
+    if truth is not None and site in truth:
+        ax.stairs(np.asarray(truth[site])[galaxy], np.asarray(truth["sfh_edges"])[galaxy], color="k",
                   ls="--", label="truth")
     ax.set_xscale("symlog", linthresh=0.1)
-    ax.set_yscale("log")
     ax.set_xlabel("lookback time [Gyr]")
-    ax.set_ylabel(r"SFR [M$_\odot$ yr$^{-1}$]")
     ax.legend(fontsize=7)
+
+
+def plot_sfh(ax, idata, galaxy: int, truth: dict | None = None) -> None:
+    """Star-formation history band (16-50-84%, Msun/yr) against lookback time (Gyr) on ``ax``."""
+    _history_band(ax, idata, galaxy, "sfh_sfr", "C2", truth)
+    ax.set_yscale("log")
+    ax.set_ylabel(r"SFR [M$_\odot$ yr$^{-1}$]")
 
 
 def plot_zh(ax, idata, galaxy: int, truth: dict | None = None) -> None:
     """Stellar metallicity history band (16-50-84%, log10 Z/Zsun) against lookback time (Gyr) on ``ax``."""
-    zh = _draws(idata, "zh_log_z", galaxy)
-    edges = np.median(_draws(idata, "sfh_edges", galaxy), axis=0)
-    lo, mid, hi = np.percentile(zh, [16, 50, 84], axis=0)
-    ax.stairs(hi, edges, baseline=lo, fill=True, color="C4", alpha=0.3, label="posterior 16-84%")
-    ax.stairs(mid, edges, color="C4", label="median")
-    if truth is not None and "zh_log_z" in truth:
-        ax.stairs(np.asarray(truth["zh_log_z"])[galaxy], np.asarray(truth["sfh_edges"])[galaxy], color="k",
-                  ls="--", label="truth")
-    ax.set_xscale("symlog", linthresh=0.1)
-    ax.set_xlabel("lookback time [Gyr]")
+    _history_band(ax, idata, galaxy, "zh_log_z", "C4", truth)
     ax.set_ylabel(r"log$_{10}$ Z/Z$_\odot$")
-    ax.legend(fontsize=7)
 
 
 def _bin(x: np.ndarray, factor: int) -> np.ndarray:
