@@ -135,11 +135,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.model == "specphot":
         from .infer.conditions import ObservingConditions
 
-        # spectra alone (no photometry), other spectrographs' coverage (e.g. SDSS on the DESI grid)
-        conditions = ObservingConditions(masked_fraction=0.15, edge_fraction=0.1, no_photometry_probability=0.15,
-                                         photometry_floor=model.photometry_floor)
+        # spectra alone (no photometry), other spectrographs' coverage (e.g. SDSS on the DESI grid),
+        # bright nearby galaxies (S/N up to 100 per pixel)
+        conditions = ObservingConditions(snr_spectrum=(0.5, 100.0), masked_fraction=0.15, edge_fraction=0.1,
+                                         no_photometry_probability=0.15, photometry_floor=model.photometry_floor)
     post = train_npe(model, args.out, n_sims=args.n_sims, n_valid=max(100, args.n_sims // 20), model_name=name,
-                     conditions=conditions, seed=args.seed, max_epochs=args.max_epochs, patience=args.patience, progress=True)
+                     conditions=conditions, seed=args.seed, max_epochs=args.max_epochs, patience=args.patience,
+                     n_sims_log_z=args.n_sims_log_z, distance_inputs=args.model == "specphot",
+                     init_from=args.init_from, progress=True)
     print(f"[sedppl] trained in {time.time() - t0:.0f} s: {post.card.epochs} epochs, "
           f"validation loss {post.card.valid_loss:.3f}")
     if args.n_calibration:
@@ -198,7 +201,7 @@ def _fit(args: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore", message=".*outside the posterior's training distribution.*")
         table = fit_catalog(obs, post, args.out, chunk=args.chunk, num_samples=args.draws, seed=args.seed,
                             save_draws=not args.no_draws, plots=args.plots, truth=truth, workers=args.workers,
-                            scheduler=args.scheduler)
+                            scheduler=args.scheduler, predictive_draws=args.predictive_draws)
     n_ood, n_poor = int(table["ood"].sum()), int(table["poor_fit"].sum())
     print(f"[sedppl] {len(table)} galaxies fitted in {time.time() - t0:.1f} s ({args.draws} draws each); "
           f"median chi2/dof {np.nanmedian(table['chi2_dof']):.2f}; wrote {Path(args.out) / 'summary.ecsv'}")
@@ -285,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-sims", type=int, default=100_000, help="prior-predictive simulations (default 100000)")
     t.add_argument("--max-epochs", type=int, default=200, help="epoch cap (default 200)")
     t.add_argument("--patience", type=int, default=15, help="epochs without improvement before stopping")
+    t.add_argument("--n-sims-log-z", type=int, default=0,
+                   help="further simulations with redshifts uniform in log z (denser at low z; default 0)")
+    t.add_argument("--init-from", default=None,
+                   help="start from the weights of a trained posterior of the same model (.safetensors)")
     t.add_argument("--n-calibration", type=int, default=1000,
                    help="held-out simulations for the calibration figures on the card (0: skip)")
     t.add_argument("--seed", type=int, default=0, help="seed of simulations, noise and initialisation")
@@ -302,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="fit", help="output folder (default fit); a rerun resumes")
     f.add_argument("--draws", type=int, default=1000,
                    help="posterior draws per galaxy (npe) or per chain (nuts) (default 1000)")
+    f.add_argument("--predictive-draws", type=int, default=100,
+                   help="npe: posterior-predictive model data (chi2/dof, figures) for this many draws a galaxy "
+                        "(default 100; each costs a forward simulation)")
     f.add_argument("--warmup", type=int, default=500, help="nuts: warmup steps per chain (default 500)")
     f.add_argument("--chains", type=int, default=2, help="nuts: chains per galaxy (default 2)")
     f.add_argument("--max-tree-depth", type=int, default=8, help="nuts: maximum tree depth (default 8)")

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import dust as dustlaw
 from .cosmology import MPC_CM, Cosmology
+from .derived import is_derived_only
 from .instrument import (
     FWHM_PER_SIGMA, apply_band, broaden_velocity, desi_band, legendre_calibration, lsf_band,
     sigma_from_resolution)
@@ -46,8 +47,9 @@ class ModelOutput:
     """What :class:`ForwardModel` returns (batch shape ``...``).
 
     Attributes:
-        spectrum: Observed f_lambda on the observed pixels, (..., M), 1e-17 erg/s/cm^2/A; None without a grid.
-        photometry: Band fluxes, (..., K), nanomaggies; None without bands.
+        spectrum: Observed f_lambda on the observed pixels, (..., M), 1e-17 erg/s/cm^2/A; None without a grid
+            (and inside :func:`sedppl.derived.derived_only`).
+        photometry: Band fluxes, (..., K), nanomaggies; None without bands (and inside ``derived_only``).
         mass_formed: (...,) Msun.
         surviving_mass: Living stars and remnants, (...,) Msun.
         line_luminosity: Dust-attenuated nebular line luminosities, (..., J) Lsun; None without nebular emission.
@@ -245,8 +247,12 @@ class ForwardModel(torch.nn.Module):
         if check:
             self.check_redshift(z)
             dustlaw.check_dust(av=torch.as_tensor(av), av_bc=torch.as_tensor(av_bc))
-        d_l = self.cosmology.luminosity_distance(z)  # Mpc
         max_age = self.cosmology.age(z)
+        if is_derived_only():  # masses only (sedppl.derived)
+            stars = (self.spec if self.spec is not None else self.phot).stars
+            pop = stars(mass, edges, torch.as_tensor(logz, dtype=dtype), max_age, light=False)
+            return ModelOutput(None, None, pop.mass_formed, pop.surviving_mass, None)
+        d_l = self.cosmology.luminosity_distance(z)  # Mpc
         logz = torch.as_tensor(logz, dtype=dtype)
         gas = logz[..., 0] if logz_gas is None else torch.as_tensor(logz_gas, dtype=dtype)
         log_u = torch.as_tensor(log_u, dtype=dtype)

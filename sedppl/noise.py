@@ -11,6 +11,8 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
+from .derived import is_derived_only
+
 
 def _valid(ivar: Tensor, mask: Tensor | None) -> Tensor:
     ok = ivar > 0
@@ -32,8 +34,11 @@ def observe_spectrum(name: str, model: Tensor, flux: Tensor | None, ivar: Tensor
         student_df: Degrees of freedom of a Student-t for outlier-robust fits; None for Gaussian.
 
     Returns:
-        The observed (or simulated) flux.
+        The observed (or simulated) flux; None inside :func:`sedppl.derived.derived_only`
+        (no site is emitted there).
     """
+    if is_derived_only():
+        return None
     valid = _valid(ivar, mask)
     safe = torch.where(valid, ivar, torch.ones_like(ivar))
     sigma = torch.as_tensor(jitter, dtype=model.dtype)[..., None] / torch.sqrt(safe)
@@ -51,7 +56,12 @@ def observe_photometry(name: str, model: Tensor, flux: Tensor | None, ivar: Tens
         flux: Observed fluxes, (..., K), nanomaggies, or None to simulate.
         ivar: Inverse variance, (..., K), 1/nmgy^2; 0 drops a band.
         floor: Fractional error floor (0.05: 5%).
+
+    Returns:
+        The observed (or simulated) fluxes; None inside :func:`sedppl.derived.derived_only`.
     """
+    if is_derived_only():
+        return None
     valid = _valid(ivar, mask)
     safe = torch.where(valid, ivar, torch.ones_like(ivar))
     sigma = photometry_sigma(model, safe, floor)

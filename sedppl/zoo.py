@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .data import Observation
+from .derived import is_derived_only
 from .dust import MAG_PER_TAU
 from .forward import ForwardModel
 from .noise import observe_photometry, observe_spectrum
@@ -155,6 +156,8 @@ class SpecPhotModel(_ZooModel):
                      sigma_v=sigma_v, resolution_matrix=None if obs is None else obs.resolution,
                      calibration_scale=scale, calibration_poly=poly, check=False)
             record_derived(out, mass, edges, logz)
+            if is_derived_only():  # no light was simulated (sedppl.derived)
+                return out
             ivar = obs.ivar if obs is not None else spectrum_ivar
             if ivar is None:
                 ivar = torch.full_like(out.spectrum, 1.0)
@@ -188,5 +191,6 @@ class PhotometryModel(_ZooModel):
             z, mass, edges, logz, av, av_bc, index = self._stellar_latents(obs, redshift, n)
             out = fm(mass, edges, logz, z, av=av, dust_index=index, av_bc=av_bc, check=False)
             record_derived(out, mass, edges, logz)
-            self._observe_photometry(out, obs, band_ivar)
+            if not is_derived_only():
+                self._observe_photometry(out, obs, band_ivar)
         return out

@@ -34,6 +34,7 @@ from pyro import poutine
 from torch import Tensor, nn
 
 from ..data import Observation
+from ..derived import derived_only
 from ..noise import site_mean
 from .conditions import ObservingConditions
 from .encoder import DataEncoder, scale_free
@@ -62,6 +63,12 @@ class PosteriorCard:
             shift and scale the context predicts (see :class:`ConditionalAffine`).
         whiten: Whether the flow's coordinates are prior-whitened (:mod:`sedppl.infer.whitening`)
             rather than the plain unconstrained ones.
+        distance_inputs: Whether the encoder also sees log10 z and the distance-corrected
+            amplitudes (see :class:`~sedppl.infer.encoder.DataEncoder`).
+        n_sims_log_z: Of the simulations, how many had redshifts drawn uniformly in log z
+            (the rest uniformly in z).
+        initialised_from: Posterior whose weights started the training ("" for none), with
+            its own epochs and seconds; the figures here count only this training.
         n_train, n_valid, epochs, train_seconds, simulation_seconds: Training budget (seconds of
             optimisation, and of simulation in the run that finished; 2-core CPU unless stated).
         valid_loss: Best validation loss (mean -log q of the unconstrained, standardised theta).
@@ -83,6 +90,9 @@ class PosteriorCard:
     hidden: list = field(default_factory=lambda: [128, 128])
     conditional_affine: bool = False
     whiten: bool = False
+    distance_inputs: bool = False
+    n_sims_log_z: int = 0
+    initialised_from: str = ""
     n_train: int = 0
     n_valid: int = 0
     epochs: int = 0
@@ -140,8 +150,10 @@ class NeuralPosterior(nn.Module):
         if [[n, list(e)] for n, e in card.sites] != found:
             raise ValueError(f"the card's latent sites {card.sites} do not match the model's {found}")
         self.conditions = ObservingConditions(**card.conditions)
+        self._derived_only_works = True  # False once the model failed inside sedppl.derived.derived_only
         self.encoder = DataEncoder(card.spectrum_bins, len(card.bands),
-                                   tuple(card.redshift_range) if card.redshift_given else None, card.context)
+                                   tuple(card.redshift_range) if card.redshift_given else None, card.context,
+                                   distance_inputs=card.distance_inputs)
         # coupling transforms (passes=2): sampling costs two network passes per transform,
         # not one per dimension as in a fully autoregressive flow
         nsf = zuko.flows.NSF(self.space.dim, card.context, transforms=card.transforms,
@@ -274,19 +286,20 @@ class NeuralPosterior(nn.Module):
 
     # ----------------------------------------------------------------- draws
     def sample(self, obs: Observation, num_samples: int = 1000, derived: bool = True, seed: int | None = None,
-               chunk: int = 20_000, predictive: bool = False, check: bool = True):
+               chunk: int = 20_000, predictive: bool | int = False, check: bool = True):
         """Posterior draws for one or a batch of galaxies, as ArviZ ``InferenceData``.
 
         Arguments:
             obs: One galaxy or a batch (same layout as the training data).
             num_samples: Draws per galaxy.
             derived: Also compute the model's deterministic sites (stellar mass,
-                SFRs, ages) by running the model on the draws (costs one forward
-                simulation per draw).
+                SFRs, ages) by running the model on the draws (masses only, no light,
+                for models that allow it: see :mod:`sedppl.derived`).
             seed: Random seed.
             chunk: Draws per forward simulation call for the derived quantities.
-            predictive: Also return the noise-free model data of every draw (group
-                ``posterior_predictive``: ``spectrum``, ``photometry``); implies ``derived``.
+            predictive: Also return the noise-free model data (group ``posterior_predictive``:
+                ``spectrum``, ``photometry``) of every draw (True) or of the first ``predictive``
+                draws (an int: one full forward simulation each); implies ``derived``.
             check: Warn when the observation lies outside the training distribution.
 
         Returns:
@@ -315,9 +328,13 @@ class NeuralPosterior(nn.Module):
         post = {k: v for k, v in values.items()}
         pred: dict[str, Tensor] = {}
         if derived or predictive:
-            extra = self.derived(values, x["redshift"], chunk, predictive=predictive)
+            n_pred = num_samples if predictive is True else min(int(predictive), num_samples)
+            extra = self.derived(values, x["redshift"], chunk, predictive=n_pred == num_samples)
             pred = {k: extra.pop(k) for k in DATA_SITES if k in extra}
             post.update(extra)
+            if 0 < n_pred < num_samples:
+                first = self._run_model({k: v[:n_pred] for k, v in values.items()}, x["redshift"], chunk, True)
+                pred = {k: first[k] for k in DATA_SITES if k in first}
         dims = {k: ["galaxy"] + [f"{k}_dim_{i}" for i in range(v.dim() - 2)] for k, v in {**post, **pred}.items()}
         names = obs.name if isinstance(obs.name, list) else [obs.name] * u.shape[1]
         groups = {"posterior": {k: v[None].numpy() for k, v in post.items()},
@@ -331,7 +348,21 @@ class NeuralPosterior(nn.Module):
     def derived(self, values: dict[str, Tensor], redshift: Tensor | None, chunk: int = 20_000,
                 predictive: bool = False) -> dict[str, Tensor]:
         """Deterministic sites of the model evaluated at draws {site: (S, N, ...)} -> {name: (S, N, ...)};
-        with ``predictive``, also the noise-free means of the data sites (``spectrum``, ``photometry``)."""
+        with ``predictive``, also the noise-free means of the data sites (``spectrum``, ``photometry``).
+
+        Without ``predictive``, the model runs inside :func:`sedppl.derived.derived_only`
+        (masses only, no light); a model that cannot (its code needs the light) runs in full.
+        """
+        if not predictive and self._derived_only_works:
+            try:
+                with derived_only():
+                    return self._run_model(values, redshift, chunk, False)
+            except Exception:  # noqa: BLE001 - a user's model that needs its light: evaluate in full
+                self._derived_only_works = False
+        return self._run_model(values, redshift, chunk, predictive)
+
+    def _run_model(self, values: dict[str, Tensor], redshift: Tensor | None, chunk: int,
+                   predictive: bool) -> dict[str, Tensor]:
         s, n = next(iter(values.values())).shape[:2]
         flat = {k: v.reshape(s * n, *v.shape[2:]) for k, v in values.items()}
         z = None if redshift is None else redshift[None].expand(s, n).reshape(-1)

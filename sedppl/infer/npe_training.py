@@ -51,8 +51,8 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
               conditions: ObservingConditions | None = None, seed: int = 0, batch_size: int = 256,
               lr: float = 1e-3, patience: int = 15, max_epochs: int = 200, context: int = 64,
               transforms: int = 6, hidden: tuple[int, int] = (128, 128), conditional_affine: bool = True,
-              whiten: bool = True, chunk: int = 1000,
-              progress: bool = True) -> NeuralPosterior:
+              whiten: bool = True, chunk: int = 1000, n_sims_log_z: int = 0, distance_inputs: bool = False,
+              init_from: str | Path | None = None, progress: bool = True) -> NeuralPosterior:
     """Train (or resume training) a neural posterior for ``model`` and save it with its card.
 
     Arguments:
@@ -75,6 +75,13 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
             posteriors at high S/N for the same training budget).
         whiten: Prior-whitened flow coordinates (:mod:`sedppl.infer.whitening`).
         chunk: Simulations per chunk.
+        n_sims_log_z: Further simulations with redshifts drawn uniformly in log z (denser
+            at low z; the training distribution of a condition does not bias the posterior,
+            it only sets where the network learns well).
+        distance_inputs: Give the encoder log10 z and distance-corrected amplitudes.
+        init_from: A trained posterior of the same model and layout whose weights start
+            this training (warm start; inputs it lacks start with zero weight, so the
+            starting network computes what it did). Its coordinate standardisation is kept.
 
     Returns:
         The trained posterior (best validation loss), also saved at ``out``.
@@ -93,8 +100,19 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
     t_sim = time.perf_counter()
     bank = simulate_bank(model, space, n_sims, seed, z_range if redshift_given else None,
                          conditions.bin_factor, chunk, ckpt / "simulations", progress)
+    n_valid = min(n_valid, len(bank) // 5)
+    train, valid = bank.split(n_valid)
+    if n_sims_log_z:
+        if not redshift_given:
+            raise ValueError("n_sims_log_z needs a given redshift (redshift_given=True)")
+        extra = simulate_bank(model, space, n_sims_log_z, seed, z_range, conditions.bin_factor, chunk,
+                              ckpt / "simulations", progress, log_z=True)
+        # validation draws from both, in proportion
+        n_valid_log = max(1, round(n_valid * len(extra) / (len(bank) + len(extra))))
+        train, valid = bank.split(n_valid - n_valid_log)
+        extra_train, extra_valid = extra.split(n_valid_log)
+        train, valid = train.concat(extra_train), valid.concat(extra_valid)
     t_sim = time.perf_counter() - t_sim  # on a resume, only the chunks simulated now
-    train, valid = bank.split(min(n_valid, len(bank) // 5))
     fm = getattr(model, "forward_model", None)
     wave = [] if bank.spectrum is None else [float(w) for w in fm.wave_obs]
     card = PosteriorCard(model=model_name or getattr(model, "__name__", type(model).__name__),
@@ -103,7 +121,9 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
                          wave=wave, bin_factor=conditions.bin_factor, redshift_range=list(z_range),
                          redshift_given=redshift_given, conditions=asdict(conditions), context=context,
                          transforms=transforms, hidden=list(hidden), conditional_affine=conditional_affine,
-                         whiten=whiten, n_train=len(train), n_valid=len(valid))
+                         whiten=whiten, distance_inputs=distance_inputs, n_sims_log_z=n_sims_log_z,
+                         initialised_from=_describe(init_from),
+                         n_train=len(train), n_valid=len(valid))
     torch.manual_seed(seed)
     post = NeuralPosterior(card, model)
     # robust standardisation: heavy-tailed priors (e.g. Student-t SFR ratios) have huge sds
@@ -113,6 +133,8 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
     gen = torch.Generator().manual_seed(seed + 1)
     x_valid = noisy_inputs(valid, conditions, gen, redshift_given)
     _set_input_ranges(post, noisy_inputs(train, conditions, gen, redshift_given))
+    if init_from is not None:
+        _warm_start(post, Path(init_from).with_suffix(".safetensors"))
     z_valid = (valid.theta - post.theta_shift) / post.theta_scale
     z_train = (train.theta - post.theta_shift) / post.theta_scale
 
@@ -173,6 +195,41 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
     return post
 
 
+def _describe(init_from: str | Path | None) -> str:
+    """The card's record of a warm start: file, checksum and that posterior's own budget."""
+    if init_from is None:
+        return ""
+    card = Path(init_from).with_suffix(".json")
+    if not card.exists():
+        return Path(init_from).name
+    c = json.loads(card.read_text())
+    return (f"{Path(init_from).name} (sha256 {c.get('sha256', '')[:12]}: {c.get('n_train', 0)} training simulations, "
+            f"{c.get('epochs', 0)} epochs, {c.get('train_seconds', 0)} s)")
+
+
+def _warm_start(post: NeuralPosterior, path: Path) -> None:
+    """Copy the weights of a trained posterior into ``post``; a linear layer that gained
+    inputs keeps the old columns and starts the new ones at zero."""
+    from safetensors.torch import load_file
+
+    old = load_file(path)
+    state = post.state_dict()
+    for key, new in state.items():
+        if key not in old or key in ("log_scale_range", "band_ratio_range"):
+            continue
+        w = old[key]
+        if w.shape == new.shape:
+            state[key] = w.clone()
+        elif w.dim() == 2 and w.shape[0] == new.shape[0] and w.shape[1] < new.shape[1]:
+            grown = torch.zeros_like(new)
+            grown[:, :w.shape[1]] = w
+            state[key] = grown
+        else:
+            raise ValueError(f"cannot start from {path}: {key} has shape {tuple(w.shape)}, "
+                             f"this posterior needs {tuple(new.shape)}")
+    post.load_state_dict(state)
+
+
 def _set_input_ranges(post: NeuralPosterior, x: dict) -> None:
     """Standardisation of the input amplitudes and the 0.1-99.9% ranges for out-of-distribution checks."""
     rng = post.log_scale_range.clone()
@@ -183,6 +240,10 @@ def _set_input_ranges(post: NeuralPosterior, x: dict) -> None:
         ch, ls = scale_free(x[key][keep], x[f"{key}_ivar"][keep])
         post.encoder.scale_shift[j] = ls.mean()
         post.encoder.scale_sd[j] = ls.std().clamp(min=1e-3)
+        if post.encoder.distance_inputs:
+            lum = post.encoder.luminosities([(j, ls, None)], x["redshift"][keep])[0][1]
+            post.encoder.luminosity_shift[j] = lum.mean()
+            post.encoder.luminosity_sd[j] = lum.std().clamp(min=1e-3)
         rng[:, j] = torch.quantile(ls, torch.tensor([0.001, 0.999]))
         if key == "photometry":
             r = ch[:, 0]

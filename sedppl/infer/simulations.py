@@ -80,9 +80,16 @@ class Bank:
             return Bank(self.theta[sl], self.redshift[sl], pick(self.spectrum), pick(self.photometry))
         return cut(slice(0, len(self) - n_valid)), cut(slice(len(self) - n_valid, len(self)))
 
+    def concat(self, other: "Bank") -> "Bank":
+        """This bank's draws followed by ``other``'s."""
+        def cat(a, b):
+            return None if a is None else torch.cat([a, b])
+        return Bank(torch.cat([self.theta, other.theta]), torch.cat([self.redshift, other.redshift]),
+                    cat(self.spectrum, other.spectrum), cat(self.photometry, other.photometry))
+
 
 def simulate_chunk(model, space: ParameterSpace, n: int, seed: int, z_range: tuple[float, float] | None,
-                   bin_factor: int = 1) -> dict[str, np.ndarray]:
+                   bin_factor: int = 1, log_z: bool = False) -> dict[str, np.ndarray]:
     """One chunk of prior-predictive simulations as arrays.
 
     Arguments:
@@ -93,6 +100,8 @@ def simulate_chunk(model, space: ParameterSpace, n: int, seed: int, z_range: tup
         z_range: Redshifts are drawn uniformly in this range and passed to the
             model; None when the model samples its own ``redshift`` site.
         bin_factor: Spectral pixels per bin.
+        log_z: Draw the redshifts uniformly in log z instead (denser at low z, where the
+            flux per unit mass changes fastest with z); needs ``z_range[0] > 0``.
 
     Returns:
         {"theta", "redshift", and "spectrum" and/or "photometry"}.
@@ -101,7 +110,14 @@ def simulate_chunk(model, space: ParameterSpace, n: int, seed: int, z_range: tup
     kwargs = {}
     if z_range is not None:
         gen = torch.Generator().manual_seed(seed + 104729)
-        kwargs["redshift"] = z_range[0] + (z_range[1] - z_range[0]) * torch.rand(n, generator=gen)
+        u = torch.rand(n, generator=gen)
+        if log_z:
+            if z_range[0] <= 0:
+                raise ValueError(f"log-uniform redshifts need z_range[0] > 0, got {z_range}")
+            lo, hi = np.log(z_range[0]), np.log(z_range[1])
+            kwargs["redshift"] = torch.exp(lo + (hi - lo) * u).clamp(z_range[0], z_range[1])
+        else:
+            kwargs["redshift"] = z_range[0] + (z_range[1] - z_range[0]) * u
     with torch.no_grad():
         tr = poutine.trace(model).get_trace(n_galaxies=n, **kwargs)
     values = {s.name: tr.nodes[s.name]["value"] for s in space.sites}
@@ -119,8 +135,11 @@ def simulate_chunk(model, space: ParameterSpace, n: int, seed: int, z_range: tup
 
 def simulate_bank(model, space: ParameterSpace, n: int, seed: int, z_range: tuple[float, float] | None,
                   bin_factor: int = 1, chunk: int = 1000, folder: str | Path | None = None,
-                  progress: bool = True) -> Bank:
+                  progress: bool = True, log_z: bool = False) -> Bank:
     """Simulate ``n`` draws in chunks; with ``folder``, each chunk is saved atomically and reused on resume.
+
+    ``log_z`` draws the redshifts log-uniformly (see :func:`simulate_chunk`); its
+    chunks are saved under their own names and use their own seeds.
 
     Draws whose simulation is not finite (e.g. overflow at extreme parameters)
     are dropped, and the count is reported by a warning.
@@ -129,12 +148,14 @@ def simulate_bank(model, space: ParameterSpace, n: int, seed: int, z_range: tupl
 
     chunks = []
     n_chunks = -(-n // chunk)
-    for i in tqdm(range(n_chunks), disable=not progress, desc="simulating"):
+    for i in tqdm(range(n_chunks), disable=not progress, desc="simulating" + (" (log z)" if log_z else "")):
         m = min(chunk, n - i * chunk)
-        path = None if folder is None else Path(folder) / f"sims_{seed}_{i:05d}_{m}_{bin_factor}.npz"
+        tag = "_logz" if log_z else ""
+        path = None if folder is None else Path(folder) / f"sims_{seed}_{i:05d}_{m}_{bin_factor}{tag}.npz"
         arrays = None if path is None else load_npz(path)
         if arrays is None:
-            arrays = simulate_chunk(model, space, m, (seed * 100_003 + i) % 2**31, z_range, bin_factor)
+            chunk_seed = (seed * 100_003 + i + (50_021 if log_z else 0)) % 2**31
+            arrays = simulate_chunk(model, space, m, chunk_seed, z_range, bin_factor, log_z)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_npz(path, **arrays)

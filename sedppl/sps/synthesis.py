@@ -233,7 +233,7 @@ class StellarSynthesis(torch.nn.Module):
         return w / width[..., None]
 
     def forward(self, mass: Tensor, edges: Tensor, logz: Tensor,
-                max_age: Tensor | float | None = None) -> Population:
+                max_age: Tensor | float | None = None, light: bool = True) -> Population:
         """Synthesize.
 
         Arguments:
@@ -242,6 +242,7 @@ class StellarSynthesis(torch.nn.Module):
             logz: log10(Z/Zsun) per bin, (..., N).
             max_age: Age of the universe at the galaxy's redshift, Gyr
                 (scalar or (...,)); bins older than it raise an error.
+            light: False computes the masses only (``young`` and ``old`` are None).
 
         Returns:
             A :class:`Population` with the young and old L_lambda (Lsun/A) on
@@ -265,9 +266,11 @@ class StellarSynthesis(torch.nn.Module):
         w_old = self.bin_weights(edges, tbc, float("inf"))
         m_young = torch.einsum("...n,...nz,...nk->...zk", mass, wz, w_young)
         m_old = torch.einsum("...n,...nz,...nk->...zk", mass, wz, w_old)
-        young = m_young.flatten(-2) @ self.ssp_young
-        old = m_old.flatten(-2) @ self.ssp if self.rank is None else \
-            (m_old.flatten(-2) @ self.ssp_left) @ self.ssp_right
+        young = old = None
+        if light:
+            young = m_young.flatten(-2) @ self.ssp_young
+            old = m_old.flatten(-2) @ self.ssp if self.rank is None else \
+                (m_old.flatten(-2) @ self.ssp_left) @ self.ssp_right
         m_all = m_old.clone()
         m_all[..., : self.n_young] = m_all[..., : self.n_young] + m_young
         surviving = (m_all * self.surviving).sum((-2, -1))
