@@ -115,10 +115,17 @@ def prior_draws(model, n: int, redshift: float | None, seed: int = 0) -> dict[st
     import pyro
     from pyro import poutine
 
-    pyro.set_rng_seed(seed)
+    from .derived import derived_only
+
     kw = {} if redshift is None else {"redshift": redshift}
-    with torch.no_grad():
-        tr = poutine.trace(model).get_trace(n_galaxies=n, **kw)
+    try:  # masses only, no light (sedppl.derived): prior draws for a corner plot in milliseconds
+        pyro.set_rng_seed(seed)
+        with torch.no_grad(), derived_only():
+            tr = poutine.trace(model).get_trace(n_galaxies=n, **kw)
+    except Exception:  # noqa: BLE001 - a model whose own code needs its light
+        pyro.set_rng_seed(seed)
+        with torch.no_grad():
+            tr = poutine.trace(model).get_trace(n_galaxies=n, **kw)
     return {k: v["value"].numpy() for k, v in tr.nodes.items()
             if v["type"] == "sample" and k not in ("spectrum", "photometry") and v["value"].dim() >= 1
             and v["value"].shape[0] == n}

@@ -1,0 +1,61 @@
+"""NPE training options: log-uniform redshifts, distance inputs, warm starts."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from sedppl.infer.conditions import ObservingConditions
+from sedppl.infer.encoder import DataEncoder
+from sedppl.infer.npe_training import noisy_inputs, train_npe
+from sedppl.infer.parameters import ParameterSpace
+from sedppl.infer.simulations import simulate_bank
+
+
+def test_log_uniform_redshifts(small_model, tmp_path):
+    space = ParameterSpace.from_model(small_model, redshift=0.1)
+    lin = simulate_bank(small_model, space, 1500, 0, (0.05, 0.2), chunk=500, folder=tmp_path, progress=False)
+    log = simulate_bank(small_model, space, 1500, 0, (0.05, 0.2), chunk=500, folder=tmp_path, progress=False,
+                        log_z=True)
+    z = log.redshift.numpy()
+    assert z.min() >= 0.05 and z.max() <= 0.2
+    # log10 z uniform over [log10 0.05, log10 0.2] (KS test at a fixed seed), z itself not
+    u = (np.log(z) - np.log(0.05)) / (np.log(0.2) - np.log(0.05))
+    assert stats.kstest(u, "uniform").pvalue > 0.01
+    assert stats.kstest((z - 0.05) / 0.15, "uniform").pvalue < 1e-6
+    # its own chunk files and seeds: not the linear bank's draws
+    assert len(list(tmp_path.glob("*_logz.npz"))) == 3 and len(list(tmp_path.glob("*.npz"))) == 6
+    assert not np.allclose(lin.theta[:10].numpy(), log.theta[:10].numpy())
+    with pytest.raises(ValueError, match="z_range"):
+        simulate_bank(small_model, space, 10, 0, (0.0, 0.2), chunk=10, progress=False, log_z=True)
+
+
+def test_distance_inputs_need_a_positive_redshift_range():
+    with pytest.raises(ValueError, match="positive lower end"):
+        DataEncoder(0, 5, (0.0, 0.2), distance_inputs=True)
+    with pytest.raises(ValueError, match="positive lower end"):
+        DataEncoder(0, 5, None, distance_inputs=True)
+
+
+def test_warm_start_reproduces_the_old_network(small_model, tmp_path):
+    """A posterior started from another with extra (distance) inputs computes exactly what the old one
+    did before training (new input columns start at zero), and the card records where it came from."""
+    cond = ObservingConditions(snr_photometry=(10.0, 100.0), photometry_floor=small_model.photometry_floor)
+    kw = dict(n_valid=100, conditions=cond, seed=4, batch_size=64, context=16, transforms=2, hidden=(16, 16),
+              progress=False)
+    old = train_npe(small_model, tmp_path / "old", n_sims=600, max_epochs=1, **kw)
+    new = train_npe(small_model, tmp_path / "new", n_sims=600, max_epochs=0, n_sims_log_z=200,
+                    distance_inputs=True, init_from=tmp_path / "old.safetensors", **kw)
+    assert new.card.distance_inputs and new.card.n_sims_log_z == 200
+    assert new.card.initialised_from.startswith("old.safetensors (sha256 " + old.card.sha256[:12])
+    assert new.encoder.mix[0].weight.shape[1] == old.encoder.mix[0].weight.shape[1] + 2  # log z, luminosity
+    bank = simulate_bank(small_model, old.space, 300, 9, (0.05, 0.2), chunk=300, progress=False, log_z=True)
+    x = noisy_inputs(bank, cond, torch.Generator().manual_seed(0), True)
+    with torch.no_grad():
+        torch.testing.assert_close(new.context(x), old.context(x), rtol=0, atol=1e-6)
+    # the luminosity input is standardised over the training bank
+    assert 0.05 < float(new.encoder.luminosity_sd[1]) < 5.0
+    # a layout that does not fit is refused
+    with pytest.raises(ValueError, match="cannot start from"):
+        train_npe(small_model, tmp_path / "wide", n_sims=600, max_epochs=0, init_from=tmp_path / "old.safetensors",
+                  **{**kw, "context": 32})
