@@ -1,6 +1,6 @@
 """The ``sedppl`` command line.
 
-    sedppl demo [--out DIR] [--z Z] [--seed N]   model a DESI-like mock galaxy from built-in data
+    sedppl demo [--out DIR] [--z Z] [--seed N]   model a DESI-like mock galaxy from built-in data and fit it
     sedppl simulate --model {specphot,phot} [--n N] [--z Z] [--snr S] [--seed N] [--out FILE]
                                                  mock observations from a zoo model's prior
     sedppl train posterior --model {phot,specphot} [--n-sims N] [--max-epochs E] [--out FILE]
@@ -27,23 +27,29 @@ from pathlib import Path
 
 import numpy as np
 
-from .surveys import DESI_BANDS, DESI_WAVE
-
 
 def _demo(args: argparse.Namespace) -> int:
     import torch
     from astropy.table import Table
 
-    from .forward import ForwardModel
+    from .data import Observation
+    from .dust import MAG_PER_TAU
+    from .fitting import chi2_dof, prior_draws, summarize
     from .photometry import nanomaggies_to_ab
-    from .plotting import plot_model
+    from .plotting import plot_fit, plot_model
+    from .posteriors import load_shipped
+    from .sfh import mass_weighted_age, sfr_averaged
+    from .zoo import SpecPhotModel
 
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print("[sedppl] building the forward model (BC03+MILES, Cloudy nebular, DESI grid) ...", flush=True)
-    fm = ForwardModel(wave_obs=DESI_WAVE, bands=DESI_BANDS, z_range=(0.01, 0.6), resolving_power=3000.0)
+    print("[sedppl] building the DESI-like model (BC03+MILES, Cloudy nebular, DESI grid, g r z W1 W2) ...",
+          flush=True)
+    model = SpecPhotModel()
+    fm = model.forward_model
     z = torch.tensor(args.z)
+    fm.check_redshift(z)
     t_univ = fm.cosmology.age(z).item()
     # Leja et al. (2019) continuity-prior bins at this redshift: 0, 30 Myr, 100 Myr,
     # 4 log-spaced edges up to 0.85 t_univ, then t_univ (lookback, Gyr)
@@ -52,28 +58,55 @@ def _demo(args: argparse.Namespace) -> int:
     sfr = np.array([0.8, 1.0, 1.5, 2.5, 4.0, 6.0, 5.0])
     mass = sfr * np.diff(edges) * 1e9
     logz = np.array([0.1, 0.1, 0.05, 0.0, -0.1, -0.2, -0.3])
+    av, av_bc = 0.4, 0.5
+    m_t, e_t = torch.tensor(mass, dtype=torch.float32), torch.tensor(edges, dtype=torch.float32)
     with torch.no_grad():
-        res = fm(torch.tensor(mass, dtype=torch.float32), torch.tensor(edges, dtype=torch.float32),
-                 torch.tensor(logz, dtype=torch.float32), z, av=0.4, dust_index=-0.3, av_bc=0.5,
+        res = fm(m_t, e_t, torch.tensor(logz, dtype=torch.float32), z, av=av, dust_index=-0.3, av_bc=av_bc,
                  log_u=-2.7, sigma_v=150.0)
     spec = res.spectrum.numpy()
     rng = np.random.default_rng(args.seed)
     sigma = 0.1 * np.median(spec) * np.ones_like(spec)  # S/N ~ 10 per pixel at the median flux
     noisy = spec + rng.normal(0, sigma)
-    Table({"wavelength": DESI_WAVE, "flux": noisy, "ivar": 1 / sigma**2, "model": spec},
+    wave = fm.wave_obs.numpy()
+    Table({"wavelength": wave, "flux": noisy, "ivar": 1 / sigma**2, "model": spec},
           meta={"comments": ["sedppl demo: wavelength vacuum Angstrom; flux, model 1e-17 erg/s/cm^2/A; "
                              f"z = {args.z}"]}).write(out / "demo_spectrum.ecsv", overwrite=True)
     phot = res.photometry.numpy()
-    Table({"band": DESI_BANDS, "flux_nmgy": phot, "mag_ab": nanomaggies_to_ab(res.photometry).numpy()}
+    Table({"band": model.bands, "flux_nmgy": phot, "mag_ab": nanomaggies_to_ab(res.photometry).numpy()}
           ).write(out / "demo_photometry.ecsv", overwrite=True)
-    plot_model(DESI_WAVE, noisy, spec, fm.photometry, phot, edges, sfr, out / "demo.png",
-               title=f"sedppl demo: z = {args.z}, log M* = {np.log10(res.surviving_mass.item()):.2f}")
+    log_mstar = float(np.log10(res.surviving_mass.item()))
+    plot_model(wave, noisy, spec, fm.photometry, phot, edges, sfr, out / "demo.png",
+               title=f"sedppl demo: z = {args.z}, log M* = {log_mstar:.2f}")
     print(f"[sedppl] mass formed log10 = {np.log10(res.mass_formed.item()):.3f}, "
-          f"surviving (stars + remnants) log10 = {np.log10(res.surviving_mass.item()):.3f}")
-    for b, f in zip(DESI_BANDS, phot):
+          f"surviving (stars + remnants) log10 = {log_mstar:.3f}")
+    for b, f in zip(model.bands, phot):
         print(f"[sedppl] {b:8s} {f:10.3f} nmgy  ({22.5 - 2.5 * np.log10(f):.3f} AB)")
-    print(f"[sedppl] wrote {out / 'demo_spectrum.ecsv'}, {out / 'demo_photometry.ecsv'}, {out / 'demo.png'} "
-          f"in {time.perf_counter() - t0:.1f} s")
+
+    # fit it with the shipped amortized posterior (photometry at S/N 30 a band)
+    band_sigma = phot / 30.0
+    obs = Observation(redshift=torch.tensor([args.z]), wave=wave, flux=torch.tensor(noisy[None]),
+                      ivar=torch.tensor((1 / sigma**2)[None]), bands=model.bands,
+                      band_flux=torch.tensor((phot + rng.normal(0, band_sigma))[None]),
+                      band_ivar=torch.tensor((1 / band_sigma**2)[None]), name=["demo"])
+    post = load_shipped("specphot", model)
+    post.sample(obs, num_samples=50, seed=0, check=False)  # warm-up
+    t1 = time.perf_counter()
+    idata = post.sample(obs, num_samples=1000, seed=1, predictive=100)
+    t_fit = time.perf_counter() - t1
+    table = summarize(idata, obs, model, post.ood_flags(post.inputs(obs, warn=False)))
+    table.write(out / "demo_posterior.ecsv", overwrite=True)
+    truth = {"log_stellar_mass": log_mstar, "tau_ism": av / MAG_PER_TAU,
+             "mass_weighted_age": float(mass_weighted_age(m_t, e_t)),
+             "log_ssfr_100myr": float(torch.log10(sfr_averaged(m_t, e_t, 0.1))) - log_mstar}
+    plot_fit(idata, obs, fm.photometry, 0, out / "demo_fit.png", prior=prior_draws(model, 2000, args.z),
+             truth={k: np.array([v]) for k, v in truth.items()}, title=f"sedppl demo fit (z = {args.z})")
+    print(f"[sedppl] amortized posterior: 1,000 draws + derived quantities + 100 predictive spectra in "
+          f"{1e3 * t_fit:.0f} ms; chi2/dof {chi2_dof(idata, obs, model)[0]:.2f}")
+    for k, v in truth.items():
+        print(f"[sedppl] {k:18s} truth {v:7.3f}   posterior {table[k + '_p50'][0]:7.3f} "
+              f"({table[k + '_p16'][0]:.3f} - {table[k + '_p84'][0]:.3f})")
+    print(f"[sedppl] wrote demo_spectrum.ecsv, demo_photometry.ecsv, demo.png, demo_posterior.ecsv, demo_fit.png "
+          f"to {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -264,9 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sedppl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="model a DESI-like mock galaxy (spectrum, photometry, plot)")
+    d = sub.add_parser("demo", help="model a DESI-like mock galaxy (spectrum, photometry, plot) and fit it with "
+                                    "the shipped amortized posterior")
     d.add_argument("--out", default="out", help="output directory (default: out)")
-    d.add_argument("--z", type=float, default=0.1, help="redshift, 0.01-0.6 (default 0.1)")
+    d.add_argument("--z", type=float, default=0.1, help="redshift, 0.002-1.1 (default 0.1)")
     d.add_argument("--seed", type=int, default=0, help="seed of the mock noise")
     d.set_defaults(func=_demo)
     s = sub.add_parser("simulate", help="mock observations drawn from a zoo model's prior, to a FITS file")

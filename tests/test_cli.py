@@ -22,6 +22,12 @@ def test_demo_writes_physical_outputs(tmp_path):
     # an evolved, dusty galaxy at z = 0.1: red optical colours (g-r in 0.5-1.1, r-z in 0.2-0.9)
     assert 0.5 < mag["decam_g"] - mag["decam_r"] < 1.1
     assert 0.2 < mag["decam_r"] - mag["decam_z"] < 0.9
+    # the fit with the shipped posterior: the surviving mass (truth 10.594, printed by the demo) within
+    # 0.2 dex; the posterior-predictive chi2/dof near 1 (S/N 10 per pixel, model = truth up to the fit)
+    post = Table.read(tmp_path / "demo_posterior.ecsv")
+    assert abs(post["log_stellar_mass_p50"][0] - 10.594) < 0.2
+    assert 0.7 < post["chi2_dof"][0] < 2.0 and not post["poor_fit"][0]
+    assert (tmp_path / "demo_fit.png").stat().st_size > 50_000
 
 
 def test_bad_redshift_exit_code(tmp_path):
