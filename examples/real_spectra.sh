@@ -3,7 +3,7 @@
 # with the shipped DESI-like spectrum posterior (and, with NUTS=1, NUTS on NGC 3073 and NGC 3522 for
 # comparison). Outputs in ${OUT:-runs/real}; docs/figures/desi_39627866878514741.png is one of its figures.
 #
-#   bash examples/real_spectra.sh            # NPE only: about 2 minutes on 2 cores
+#   bash examples/real_spectra.sh            # NPE only: 61 s on 2 cores (2026-11-26)
 #   NUTS=1 bash examples/real_spectra.sh     # + NUTS: slow (one chain of 10 + 10 on NGC 3073 took 694 s)
 set -euo pipefail
 OUT=${OUT:-runs/real}
