@@ -24,19 +24,15 @@ import arviz as az
 import numpy as np
 import torch
 
+from _timing import repeat_times
+
 from sedppl.infer.nuts import run_nuts
 from sedppl.mocks import galaxy, make_mocks
 from sedppl.posteriors import load_shipped
 
 
 def timed(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return float(np.median(repeat_times(fn, repeats)))
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import sys
 
 here = pathlib.Path(__file__).parent
 for script in sorted(here.glob("*.py")):
-    if script.name == "run_all.py":
+    if script.name == "run_all.py" or script.name.startswith("_"):
         continue
     print(f"== {script.name}", flush=True)
     subprocess.run([sys.executable, str(script)], check=True)

@@ -18,24 +18,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import numpy as np
 import pyro
 import torch
+
+from _timing import repeat_times
 
 from sedppl.instrument import apply_band, broaden_velocity, lsf_band, velocity_sigma
 from sedppl.zoo import SpecPhotModel
 
 
 def best_of(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(repeat_times(fn, repeats))
 
 
 def main() -> None:
