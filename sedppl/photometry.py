@@ -204,11 +204,24 @@ class LogGridPhotometry(torch.nn.Module):
             (..., K) nanomaggies.
         """
         q = torch.log1p(torch.as_tensor(z, dtype=torch.float64)) / self.h - self.m0
+        batch = torch.broadcast_shapes(flam.shape[:-1], q.shape)
+        flam = flam.expand(*batch, flam.shape[-1]).reshape(-1, flam.shape[-1])
+        q = q.expand(batch).reshape(-1)
         m = torch.floor(q.detach()).long()
-        f = (q - m).to(flam.dtype)[..., None, None]
-        idx = self.pixel_index + m[..., None]  # (..., N)
+        f = (q - m).to(flam.dtype)[:, None]
         t = self.table.to(flam.dtype)
-        w0 = torch.movedim(t[:, idx], 0, -2)  # (..., K, N)
-        w1 = torch.movedim(t[:, idx + 1], 0, -2)
-        w = w0 + f * (w1 - w0)
-        return 1e9 * torch.einsum("...n,...kn->...k", flam, w)
+        shifts, group = torch.unique(m, return_inverse=True)
+        if 8 * shifts.numel() > m.numel():  # mostly distinct redshifts: gather per spectrum
+            idx = self.pixel_index + m[:, None]  # (B, N)
+            w0 = torch.movedim(t[:, idx], 0, -2)  # (B, K, N)
+            w = w0 + f[..., None] * (torch.movedim(t[:, idx + 1], 0, -2) - w0)
+            return 1e9 * torch.einsum("bn,bkn->bk", flam, w).reshape(*batch, -1)
+        # many spectra per lattice shift (draws of one galaxy, a catalog at few redshifts):
+        # one (K, N) table per shift and a matrix product per group, no (B, K, N) gather
+        out = flam.new_zeros(flam.shape[0], t.shape[0])
+        for g, shift in enumerate(shifts.tolist()):
+            rows = torch.nonzero(group == g).squeeze(-1)
+            t0 = t[:, self.pixel_index + shift]  # (K, N)
+            t1 = t[:, self.pixel_index + shift + 1]
+            out = out.index_put((rows,), flam[rows] @ t0.T + f[rows] * (flam[rows] @ (t1 - t0).T))
+        return 1e9 * out.reshape(*batch, -1)

@@ -92,6 +92,31 @@ class AgeIntegrator(torch.nn.Module):
         """Integrals over [lo, hi] (yr), shape (..., A) in yr."""
         return self.primitive(hi) - self.primitive(lo)
 
+    def integrate(self, lo: Tensor, hi: Tensor, values: Tensor) -> Tensor:
+        """int_lo^hi f_c(t) dt of curves f_c given at the native ages and interpolated linearly.
+
+        Equal to ``self(lo, hi) @ values`` without the (..., A) weights: the cost and memory
+        are those of C curves, not A ages (masses without the light, :mod:`sedppl.derived`).
+
+        Arguments:
+            lo, hi: Interval ends, (...,), yr.
+            values: Curves at the native ages, (A, C), any unit u.
+
+        Returns:
+            (..., C), u yr.
+        """
+        values = values.to(self.cumulative.dtype)
+        cum = self.cumulative @ values  # (A, C): int_0^{t_j} f_c
+
+        def prim(x: Tensor) -> Tensor:
+            t, h = self.ages, self.steps
+            j = (torch.searchsorted(t, x.detach().contiguous(), right=True) - 1).clamp(0, len(t) - 2)
+            u = ((x - t[j]) / h[j]).clamp(0.0, 1.0)
+            hj = h[j]
+            return cum[j] + (hj * (u - 0.5 * u * u))[..., None] * values[j] + (hj * 0.5 * u * u)[..., None] * values[j + 1]
+
+        return prim(hi) - prim(lo)
+
 
 @dataclass
 class Population:
@@ -102,15 +127,15 @@ class Population:
         old: Rest-frame L_lambda of older stars, (..., L), Lsun/A.
         mass_formed: Total stellar mass formed, (...,), Msun.
         surviving_mass: Mass in living stars and remnants now, (...,), Msun.
-        mass_weights: Mass formed per (Z, native age), (..., Z, A), Msun.
+        mass_weights: Mass formed per (Z, native age), (..., Z, A), Msun (None without the light).
         living_mass: Mass in living stars only, (...,), Msun (None if the grid lacks it).
     """
 
-    young: Tensor
-    old: Tensor
+    young: Tensor | None
+    old: Tensor | None
     mass_formed: Tensor
     surviving_mass: Tensor
-    mass_weights: Tensor
+    mass_weights: Tensor | None
     living_mass: Tensor | None = None
 
     @property
@@ -242,7 +267,8 @@ class StellarSynthesis(torch.nn.Module):
             logz: log10(Z/Zsun) per bin, (..., N).
             max_age: Age of the universe at the galaxy's redshift, Gyr
                 (scalar or (...,)); bins older than it raise an error.
-            light: False computes the masses only (``young`` and ``old`` are None).
+            light: False computes the masses only (``young``, ``old`` and ``mass_weights``
+                are None), at the cost of a few curves instead of every native age.
 
         Returns:
             A :class:`Population` with the young and old L_lambda (Lsun/A) on
@@ -261,18 +287,33 @@ class StellarSynthesis(torch.nn.Module):
         if torch.any(edges[..., -1] > self.max_age_gyr * (1 + 1e-6)):
             raise ValueError(f"a bin edge is older than the SSP grid's oldest age ({self.max_age_gyr:.3g} Gyr)")
         wz = linear_interp_weights(self.log_z, logz, "log10 Z/Zsun")  # (..., N, Z)
+        if not light:
+            return self._masses(mass, edges, wz)
         tbc = self.t_bc
         w_young = self.bin_weights(edges, 0.0, tbc)[..., : self.n_young]
         w_old = self.bin_weights(edges, tbc, float("inf"))
         m_young = torch.einsum("...n,...nz,...nk->...zk", mass, wz, w_young)
         m_old = torch.einsum("...n,...nz,...nk->...zk", mass, wz, w_old)
-        young = old = None
-        if light:
-            young = m_young.flatten(-2) @ self.ssp_young
-            old = m_old.flatten(-2) @ self.ssp if self.rank is None else \
-                (m_old.flatten(-2) @ self.ssp_left) @ self.ssp_right
+        young = m_young.flatten(-2) @ self.ssp_young
+        old = m_old.flatten(-2) @ self.ssp if self.rank is None else \
+            (m_old.flatten(-2) @ self.ssp_left) @ self.ssp_right
         m_all = m_old.clone()
         m_all[..., : self.n_young] = m_all[..., : self.n_young] + m_young
         surviving = (m_all * self.surviving).sum((-2, -1))
         living = None if self.living is None else (m_all * self.living).sum((-2, -1))
         return Population(young, old, mass.sum(-1), surviving, m_all, living)
+
+    def _masses(self, mass: Tensor, edges: Tensor, wz: Tensor) -> Population:
+        """Masses without the light: each bin's time-average of the surviving (and living)
+        fraction curves, integrated exactly as in the light, without per-age weights."""
+        curves = [self.surviving] + ([] if self.living is None else [self.living])
+        values = torch.cat(curves, 0).T  # (A, C*Z)
+        lo = edges[..., :-1].clamp(min=0.0)
+        hi = torch.maximum(edges[..., 1:], lo)
+        f64 = self.integrator.ages.dtype
+        frac = self.integrator.integrate(lo.to(f64) * 1e9, hi.to(f64) * 1e9, values)
+        frac = (frac / (torch.diff(edges, dim=-1).to(f64)[..., None] * 1e9)).to(mass.dtype)
+        frac = frac.unflatten(-1, (len(curves), -1))  # (..., N, C, Z)
+        kept = torch.einsum("...n,...nz,...ncz->...c", mass, wz, frac)
+        living = kept[..., 1] if self.living is not None else None
+        return Population(None, None, mass.sum(-1), kept[..., 0], None, living)

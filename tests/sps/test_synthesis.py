@@ -53,6 +53,39 @@ def test_integrator_matches_quadrature():
         assert abs(w[k].item() - np.trapezoid(hat, np.linspace(0.5, 7, 200001))) < 1e-8
 
 
+def test_integrate_curves_equals_weights():
+    """AgeIntegrator.integrate(lo, hi, V) is the per-age weights times V, without the weights."""
+    ages = np.array([0.0, 1.0, 3.0, 4.0, 10.0])
+    integ = AgeIntegrator(ages)
+    values = torch.tensor(np.random.default_rng(0).uniform(0.2, 1.0, (5, 3)))
+    lo, hi = one([0.0, 0.5, 2.0, 9.0]), one([0.3, 7.0, 10.0, 9.5])
+    torch.testing.assert_close(integ.integrate(lo, hi, values), integ(lo, hi) @ values, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masses_without_light(synth, dtype):
+    """light=False (sedppl.derived) gives the surviving and living masses of the full synthesis,
+    batched over galaxies, with finite gradients in the masses and edges."""
+    s = synth.to(dtype)
+    rng = np.random.default_rng(4)
+    n = 16
+    inner = np.sort(rng.uniform(0.005, 9.0, (n, 4)), -1)
+    edges = torch.tensor(np.concatenate([np.zeros((n, 1)), inner, np.full((n, 1), 10.0)], -1), dtype=dtype)
+    m = torch.tensor(rng.uniform(1e7, 1e9, (n, 5)), dtype=dtype, requires_grad=True)
+    logz = torch.tensor(rng.uniform(-1.5, 0.3, (n, 5)), dtype=dtype)
+    full = s(m, edges, logz)
+    fast = s(m, edges, logz, light=False)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(fast.surviving_mass, full.surviving_mass, rtol=tol, atol=0)
+    torch.testing.assert_close(fast.living_mass, full.living_mass, rtol=tol, atol=0)
+    assert fast.young is None and fast.mass_weights is None
+    loop = torch.stack([s(m[i], edges[i], logz[i], light=False).surviving_mass for i in range(n)])
+    torch.testing.assert_close(loop, fast.surviving_mass, rtol=tol, atol=0)
+    (g,) = torch.autograd.grad(fast.surviving_mass.sum(), m)
+    assert torch.isfinite(g).all() and (g > 0).all() and (g < 1).all()  # a fraction of each bin's mass survives
+    s.float()
+
+
 def test_linear_in_mass_and_masses(synth):
     s = synth.double()
     edges = one([0, 0.03, 0.1, 0.5, 2.0, 8.0])
