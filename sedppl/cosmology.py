@@ -136,4 +136,5 @@ class Cosmology(torch.nn.Module):
         return float(self.tab_age[0]) - self.age(z)
 
     def extra_repr(self) -> str:
+        """The cosmology's name and its largest tabulated redshift (for ``print(module)``)."""
         return f"{'Planck18' if self._astropy is None else self._astropy.name}, z <= {self.z_max}"

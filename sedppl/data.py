@@ -52,10 +52,12 @@ class Observation:
 
     @property
     def has_spectrum(self) -> bool:
+        """True when the observation carries a spectrum (``flux``)."""
         return self.flux is not None
 
     @property
     def has_photometry(self) -> bool:
+        """True when the observation carries band fluxes (``band_flux``, nanomaggies)."""
         return self.band_flux is not None
 
     def validate(self) -> None:

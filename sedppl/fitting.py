@@ -54,6 +54,7 @@ def subset(obs: Observation, idx: slice) -> Observation:
 
 
 def n_galaxies(obs: Observation) -> int:
+    """Number of galaxies in an observation (1 for unbatched data)."""
     data = obs.band_flux if obs.has_photometry else obs.flux
     return 1 if data.dim() == 1 else data.shape[0]
 

@@ -169,6 +169,7 @@ class BasisSFH(torch.nn.Module):
 
     @property
     def n_basis(self) -> int:
+        """Number of basis histories."""
         return self.basis.shape[0]
 
     def mass_fractions(self, edges: Tensor) -> Tensor:

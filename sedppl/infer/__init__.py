@@ -1,0 +1,1 @@
+"""Inference engines: NUTS (:mod:`.nuts`) and amortized neural posterior estimation (:mod:`.npe`)."""

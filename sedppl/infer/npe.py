@@ -105,6 +105,7 @@ class PosteriorCard:
 
     @property
     def spectrum_bins(self) -> int:
+        """Spectral bins the encoder sees (pixels // bin_factor; 0 without a spectrum)."""
         return len(self.wave) // self.bin_factor if self.wave else 0
 
 
@@ -269,6 +270,7 @@ class NeuralPosterior(nn.Module):
 
     # ----------------------------------------------------------------- densities
     def context(self, x: dict[str, Tensor | None]) -> Tensor:
+        """The flow's context vector (N, context) of network inputs from :meth:`inputs`."""
         return self.encoder(**x)
 
     def log_prob_standard(self, z: Tensor, context: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ class Site:
 
     @property
     def size(self) -> int:
+        """Number of scalars in one value of the site (product of its event shape)."""
         n = 1
         for s in self.event_shape:
             n *= s
@@ -89,10 +90,12 @@ class ParameterSpace:
 
     @property
     def names(self) -> list[str]:
+        """Site names, in the order of the flat vector."""
         return [s.name for s in self.sites]
 
     @property
     def dim(self) -> int:
+        """Length of the flat parameter vector."""
         return sum(s.size for s in self.sites)
 
     def labels(self) -> list[str]:

@@ -1,0 +1,1 @@
+"""Stellar population synthesis: SSP grids, composite populations, remnants and nebular emission."""

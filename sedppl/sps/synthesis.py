@@ -238,6 +238,7 @@ class StellarSynthesis(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """Floating-point type of the SSP buffers (float32 unless moved with ``.to``)."""
         return self.ssp.dtype
 
     def bin_weights(self, edges: Tensor, lo_clip: float = 0.0, hi_clip: float = float("inf")) -> Tensor:
