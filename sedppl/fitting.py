@@ -209,14 +209,14 @@ def fit_catalog(obs: Observation, post, out: str | Path, chunk: int = 500, num_s
     bar = tqdm(total=n_chunks, initial=n_chunks - len(todo), disable=not progress, desc="fitting", unit="chunk")
 
     def finish(i, table, idata, messages):
-        if i * chunk < plots:
-            _plots(idata, part(i), post.model, post.card.model, i * chunk, plots - i * chunk, out / "plots", truth)
-        if save_draws:
+        if save_draws:  # the draws and the rows first: a failure in plotting loses nothing computed
             nc = out / "chunks" / f"posterior_{i:05d}.nc"
             idata.to_netcdf(str(nc) + ".tmp")
             os.replace(str(nc) + ".tmp", nc)
         table.write(str(path(i)) + ".tmp", format="ascii.ecsv", overwrite=True)
         os.replace(str(path(i)) + ".tmp", path(i))
+        if i * chunk < plots:
+            _plots(idata, part(i), post.model, post.card.model, i * chunk, plots - i * chunk, out / "plots", truth)
         for m in messages:
             warnings.warn(m)
         bar.update(1)
@@ -313,14 +313,14 @@ def fit_nuts(obs: Observation, model, out: str | Path, num_samples: int = 500, w
         table = summarize(idata, part, model, np.zeros(1, dtype=bool))
         table["rhat_max"], table["ess_bulk_min"], table["divergences"] = (
             [conv["rhat_max"]], [conv["ess_bulk_min"]], [conv["divergences"]])
-        if i < plots:
-            _plots(idata, part, model, f"{type(model).__name__}, NUTS", i, 1, out / "plots", truth)
-        if save_draws:
+        if save_draws:  # the draws and the row first: a failure in plotting loses nothing computed
             nc = out / "chunks" / f"nuts_{i:05d}.nc"
             idata.to_netcdf(str(nc) + ".tmp")
             os.replace(str(nc) + ".tmp", nc)
         table.write(str(path) + ".tmp", format="ascii.ecsv", overwrite=True)
         os.replace(str(path) + ".tmp", path)
+        if i < plots:
+            _plots(idata, part, model, f"{type(model).__name__}, NUTS", i, 1, out / "plots", truth)
         tables.append(table)
         for w in caught:
             if "converge" in str(w.message):

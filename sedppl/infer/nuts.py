@@ -248,7 +248,10 @@ def _to_arviz(model, chains, args, kwargs, predictive, num_prior):
 
     import numpy as np
 
-    derived = deterministic_sites(model, *args, **kwargs)
+    tr = pyro.poutine.trace(model).get_trace(*args, **kwargs)
+    shapes = {name: tuple(site["value"].shape) for name, site in tr.nodes.items()
+              if site["type"] == "sample" and site["infer"].get("_deterministic", False)}
+    derived = set(shapes)
     parts = []
     for mcmc, stats in chains:
         samples = mcmc.get_samples(group_by_chain=False)
@@ -260,7 +263,8 @@ def _to_arviz(model, chains, args, kwargs, predictive, num_prior):
         # deterministic (derived) sites belong to the posterior
         extra = {}
         for k in derived & set(draws):
-            v = draws[k].detach().numpy()[None]
+            # Predictive pads sites to the model's plate nesting: back to the site's own shape
+            v = draws[k].detach().reshape(-1, *shapes[k]).numpy()[None]
             extra[k] = (("chain", "draw") + tuple(f"{k}_dim_{i}" for i in range(v.ndim - 2)), v)
         part.posterior = part.posterior.assign(extra)
         if hasattr(part, "observed_data"):

@@ -80,3 +80,22 @@ def test_amortized_posterior_is_centred_and_conservative_against_nuts(small_mode
     for k in names:
         assert abs(cmp["shift"][k]) < 0.5, cmp
         assert 0.9 < cmp["width_ratio"][k] < 2.2, cmp
+
+
+def test_zoo_model_nuts_sites_share_the_galaxy_layout(tmp_path):
+    """Every posterior variable of a zoo model's NUTS run is (chain, draw, galaxy, event...): the
+    derived sites too (Pyro's Predictive pads them to the plate nesting), so summaries and the
+    fit figure take them as they take NPE's. Tiny settings: the layout is what is tested."""
+    from sedppl.mocks import make_mocks
+    from sedppl.plotting import plot_fit
+    from sedppl.zoo import PhotometryModel
+
+    model = PhotometryModel()
+    obs = make_mocks(model, 1, seed=2, redshift=0.1, snr_photometry=30).obs
+    idata = run_nuts(model, obs=obs, num_samples=10, warmup_steps=5, num_chains=1, map_steps=10, map_restarts=1,
+                     max_tree_depth=3, laplace=False, jit_compile=False, progress=False, num_prior=20)
+    event = {"log_sfr_ratio": (6,), "zh_logit_step": (2,), "zh_log_z": (7,), "sfh_sfr": (7,), "sfh_edges": (8,)}
+    for name, var in idata.posterior.data_vars.items():
+        assert var.shape == (1, 10, 1, *event.get(name, ())), (name, var.shape)
+    plot_fit(idata, obs, model.forward_model.photometry, 0, tmp_path / "fit.png")
+    assert (tmp_path / "fit.png").stat().st_size > 10_000
