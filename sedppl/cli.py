@@ -15,7 +15,7 @@
 Exit codes: 0 success, 2 bad arguments or input (with a message naming the problem),
 3 success, but some galaxies lie outside the posterior's training distribution or
   fail the posterior-predictive check (chi2/dof > 3),
-4 success, but NUTS did not converge for some galaxies (R-hat > 1.01 or divergences).
+4 success, but NUTS did not converge for some galaxies (R-hat > 1.01, bulk ESS < 100 or divergences).
 """
 
 from __future__ import annotations
@@ -220,13 +220,14 @@ def _fit(args: argparse.Namespace) -> int:
         table = fit_nuts(obs, model, args.out, num_samples=args.draws, warmup_steps=args.warmup,
                          num_chains=args.chains, seed=args.seed, save_draws=not args.no_draws, plots=args.plots,
                          truth=truth, max_tree_depth=args.max_tree_depth)
-        bad = int(((table["rhat_max"] > 1.01) | (table["divergences"] > 0)).sum())
+        # the thresholds of sedppl.infer.nuts.check_convergence; with one chain R-hat is NaN and ESS decides
+        bad = int(((table["rhat_max"] > 1.01) | (table["ess_bulk_min"] < 100) | (table["divergences"] > 0)).sum())
         print(f"[sedppl] {len(table)} galaxies fitted with NUTS in {time.time() - t0:.1f} s ({args.chains} chains x "
               f"{args.draws} draws); median chi2/dof {np.nanmedian(table['chi2_dof']):.2f}; "
               f"wrote {Path(args.out) / 'summary.ecsv'}")
         if bad:
-            print(f"[sedppl] {bad} galaxies with R-hat > 1.01 or divergences (columns rhat_max, divergences): "
-                  "run longer chains", file=sys.stderr)
+            print(f"[sedppl] {bad} galaxies with R-hat > 1.01, bulk ESS < 100 or divergences (columns rhat_max, "
+                  "ess_bulk_min, divergences): run longer chains", file=sys.stderr)
             return 4
         return 0
     post = NeuralPosterior.load(args.posterior, model) if args.posterior else load_shipped(args.model, model)
