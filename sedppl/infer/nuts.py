@@ -51,8 +51,13 @@ class _CountingNUTS(NUTS):
 
 def deterministic_sites(model: Callable, *args, **kwargs) -> set[str]:
     """Names of a model's ``pyro.deterministic`` sites (derived quantities)."""
+    return set(_deterministic_shapes(model, *args, **kwargs))
+
+
+def _deterministic_shapes(model: Callable, *args, **kwargs) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a model's ``pyro.deterministic`` sites, from one trace."""
     tr = pyro.poutine.trace(model).get_trace(*args, **kwargs)
-    return {name for name, site in tr.nodes.items()
+    return {name: tuple(site["value"].shape) for name, site in tr.nodes.items()
             if site["type"] == "sample" and site["infer"].get("_deterministic", False)}
 
 
@@ -248,9 +253,7 @@ def _to_arviz(model, chains, args, kwargs, predictive, num_prior):
 
     import numpy as np
 
-    tr = pyro.poutine.trace(model).get_trace(*args, **kwargs)
-    shapes = {name: tuple(site["value"].shape) for name, site in tr.nodes.items()
-              if site["type"] == "sample" and site["infer"].get("_deterministic", False)}
+    shapes = _deterministic_shapes(model, *args, **kwargs)
     derived = set(shapes)
     parts = []
     for mcmc, stats in chains:

@@ -78,15 +78,18 @@ class AgeIntegrator(torch.nn.Module):
         self.register_buffer("steps", h)
         self.register_buffer("cumulative", torch.cumsum(seg, dim=0))
 
-    def primitive(self, x: Tensor) -> Tensor:
-        """int_0^x hat_k(t) dt for every k; x (...,) in yr -> (..., A) in yr."""
+    def _locate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Native interval j of each x (yr) and the integrals over [t_j, x] of the hats j and j + 1."""
         t, h = self.ages, self.steps
         j = (torch.searchsorted(t, x.detach().contiguous(), right=True) - 1).clamp(0, len(t) - 2)
         u = ((x - t[j]) / h[j]).clamp(0.0, 1.0)
-        hj = h[j]
-        out = self.cumulative[j]
-        out = out.scatter_add(-1, j[..., None], (hj * (u - 0.5 * u * u))[..., None])
-        return out.scatter_add(-1, (j + 1)[..., None], (hj * 0.5 * u * u)[..., None])
+        return j, h[j] * (u - 0.5 * u * u), h[j] * 0.5 * u * u
+
+    def primitive(self, x: Tensor) -> Tensor:
+        """int_0^x hat_k(t) dt for every k; x (...,) in yr -> (..., A) in yr."""
+        j, a, b = self._locate(x)
+        out = self.cumulative[j].scatter_add(-1, j[..., None], a[..., None])
+        return out.scatter_add(-1, (j + 1)[..., None], b[..., None])
 
     def forward(self, lo: Tensor, hi: Tensor) -> Tensor:
         """Integrals over [lo, hi] (yr), shape (..., A) in yr."""
@@ -109,11 +112,8 @@ class AgeIntegrator(torch.nn.Module):
         cum = self.cumulative @ values  # (A, C): int_0^{t_j} f_c
 
         def prim(x: Tensor) -> Tensor:
-            t, h = self.ages, self.steps
-            j = (torch.searchsorted(t, x.detach().contiguous(), right=True) - 1).clamp(0, len(t) - 2)
-            u = ((x - t[j]) / h[j]).clamp(0.0, 1.0)
-            hj = h[j]
-            return cum[j] + (hj * (u - 0.5 * u * u))[..., None] * values[j] + (hj * 0.5 * u * u)[..., None] * values[j + 1]
+            j, a, b = self._locate(x)
+            return cum[j] + a[..., None] * values[j] + b[..., None] * values[j + 1]
 
         return prim(hi) - prim(lo)
 
