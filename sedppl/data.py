@@ -112,6 +112,35 @@ class Observation:
         return Observation(redshift=self.redshift, wave=wave, flux=flux, ivar=ivar, bands=self.bands,
                            band_flux=self.band_flux, band_ivar=self.band_ivar, name=self.name)
 
+    @property
+    def n_galaxies(self) -> int:
+        """Galaxies in the batch (1 for an unbatched observation)."""
+        x = self.flux if self.has_spectrum else self.band_flux
+        return x.shape[0] if x.ndim == 2 else 1
+
+    def tile(self, n: int) -> "Observation":
+        """The batch repeated ``n`` times, galaxy index fastest: galaxy g of copy c is row
+        ``c * n_galaxies + g`` (e.g. one copy per MCMC chain)."""
+        if n < 1:
+            raise ValueError(f"tile needs n >= 1, got {n}")
+        g = self.n_galaxies
+
+        def rep(t, event_dims):
+            if t is None:
+                return None
+            if t.ndim == event_dims:  # unbatched: one galaxy
+                t = t[None]
+            if t.shape[0] != g:
+                raise ValueError(f"a field has {t.shape[0]} rows for {g} galaxies")
+            return t.repeat((n,) + (1,) * event_dims)
+
+        names = self.name if isinstance(self.name, list) else [self.name] * g
+        z = None if self.redshift is None else self.redshift.expand(g) if self.redshift.ndim == 0 else self.redshift
+        return Observation(redshift=rep(z, 0), wave=self.wave, flux=rep(self.flux, 1),
+                           ivar=rep(self.ivar, 1), mask=rep(self.mask, 1), resolution=rep(self.resolution, 2),
+                           bands=self.bands, band_flux=rep(self.band_flux, 1), band_ivar=rep(self.band_ivar, 1),
+                           name=names * n)
+
     def check_bands(self, model_bands: list[str]) -> None:
         """Raise ``ValueError`` if the observation's bands differ from a model's."""
         if self.has_photometry and list(self.bands) != list(model_bands):

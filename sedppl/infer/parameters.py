@@ -115,9 +115,11 @@ class ParameterSpace:
             parts.append(u.reshape(u.shape[0], s.size))
         return torch.cat(parts, dim=-1)
 
-    def to_constrained(self, u: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def to_constrained(self, u: Tensor, differentiable: bool = False) -> tuple[dict[str, Tensor], Tensor]:
         """(..., dim) unconstrained (or whitened) -> ({site: (..., *event)} constrained, log|dx/du| (...,)).
-        Differentiable in ``u`` only for sites without a whitener.
+        Differentiable in ``u`` for sites without a whitener, and for all sites with
+        ``differentiable`` (whitened coordinates then unclipped, see
+        :meth:`sedppl.infer.whitening.Whitener.from_white_torch`).
 
         The log-Jacobian turns a density over u into one over the constrained values:
         log p(x) = log p(u) - log|dx/du|.
@@ -127,7 +129,9 @@ class ParameterSpace:
             piece = u[..., i:i + s.size].reshape(*u.shape[:-1], *s.event_shape)
             i += s.size
             wh = self._white(s)
-            if wh is None:
+            if wh is not None and differentiable:
+                x, ld = wh.from_white_torch(piece)
+            elif wh is None:
                 t = biject_to(s.support)
                 x = t(piece)
                 ld = t.log_abs_det_jacobian(piece, x)

@@ -9,18 +9,43 @@ which the plain unconstrained (logit/identity) coordinates would demand.
 
 Coordinates are clipped to |w| <= 5.5 (prior tail mass 4e-8), which keeps every
 value strictly inside bounded supports in float32. Computations are in float64
-with scipy (no gradients are needed: amortized training uses fixed draws).
+with scipy. :meth:`Whitener.from_white_torch` is the same map in torch,
+differentiable and unclipped, for MCMC in the flow's coordinates
+(:mod:`sedppl.infer.neutra`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pyro.distributions as dist
+import torch
 from scipy import special, stats
+from torch import Tensor
 
 W_MAX = 5.5
+
+
+class _StudentQuantile(torch.autograd.Function):
+    """t = F_t^-1(Phi(w)) for a standard Student-t with ``df``; dt/dw = phi(w) / f_t(t)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, df: float) -> Tensor:
+        wn = w.detach().double().cpu().numpy()
+        t = np.where(wn < 0, stats.t.ppf(special.ndtr(wn), df), stats.t.isf(special.ndtr(-wn), df))
+        out = torch.as_tensor(t, dtype=w.dtype)
+        ctx.save_for_backward(w, out)
+        ctx.df = df
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w, t = ctx.saved_tensors
+        log_phi = -0.5 * w**2 - 0.5 * math.log(2 * math.pi)
+        log_ft = torch.distributions.StudentT(ctx.df).log_prob(t)
+        return grad * torch.exp(log_phi - log_ft), None
 
 
 @dataclass
@@ -58,6 +83,20 @@ class Whitener:
         df, mu, sd = self.params
         t = np.where(w < 0, stats.t.ppf(special.ndtr(w), df), stats.t.isf(special.ndtr(-w), df))
         return mu + sd * t, log_phi - stats.t.logpdf(t, df) + np.log(sd)
+
+    def from_white_torch(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """Standard-normal coordinates -> (constrained values, log|dx/dw|), in torch: differentiable in ``w``
+        and not clipped (the prior's own coordinates, for HMC). Same dtype as ``w``."""
+        log_phi = -0.5 * w**2 - 0.5 * math.log(2 * math.pi)
+        if self.kind == "uniform":
+            a, b = self.params
+            return a + (b - a) * torch.special.ndtr(w), math.log(b - a) + log_phi
+        if self.kind == "normal":
+            mu, sd = self.params
+            return mu + sd * w, torch.full_like(w, math.log(sd))
+        df, mu, sd = self.params
+        t = _StudentQuantile.apply(w, df)
+        return mu + sd * t, log_phi - torch.distributions.StudentT(df).log_prob(t) + math.log(sd)
 
 
 def _scalar(v) -> float | None:
