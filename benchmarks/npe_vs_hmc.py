@@ -1,0 +1,138 @@
+"""Amortized posterior vs MCMC on the same mock galaxies, and what batched HMC costs.
+
+Draws ``--n`` mocks from a zoo model's prior (z = 0.1), samples every one of them
+with batched HMC (``sedppl.infer.hmc.run_hmc``: all chains of all galaxies in one
+computation; ``--neutra`` runs the chains in the shipped flow's coordinates),
+then compares the shipped amortized posterior with the MCMC posterior galaxy by
+galaxy (``sedppl.diagnostics.compare_posteriors``): mean shift in MCMC standard
+deviations and width ratio, for log stellar mass, log SFR (100 Myr) and the
+dust parameters (issue goal: |shift| < 0.3, width 0.8-1.25), and the coverage
+of the true values by the MCMC intervals.
+
+The baseline measured in the same run is the cost of one gradient of the
+potential for a single galaxy (what Pyro's NUTS pays per leapfrog step) against
+the cost per galaxy inside the batch.
+
+    python benchmarks/npe_vs_hmc.py [--model phot] [--n 20] [--chains 2] [--warmup 300] [--draws 300]
+                                    [--neutra] [--max-steps 32] [--seed 11] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from sedppl.diagnostics import compare_posteriors
+from sedppl.infer.hmc import run_hmc
+from sedppl.infer.potential import BatchedPotential
+from sedppl.mocks import make_mocks
+from sedppl.posteriors import load_shipped
+
+PARAMS = ("log_stellar_mass", "log_sfr_100myr", "tau_bc", "tau_ism", "dust_index")
+
+
+def gradient_seconds(model, obs, repeats: int = 5) -> float:
+    pot = BatchedPotential(model, kwargs={"obs": obs})
+    u = pot.prior_draw()
+    pot.value_and_grad(u)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        pot.value_and_grad(u)
+    return (time.perf_counter() - t) / repeats
+
+
+def draws(idata, g: int) -> dict[str, np.ndarray]:
+    """{parameter: draws (L,)} of galaxy g, with log10 SFR."""
+    post = idata.posterior
+    out = {}
+    for p in PARAMS:
+        v = post["sfr_100myr"] if p == "log_sfr_100myr" else post[p]
+        v = v.values[:, :, g].reshape(-1)
+        out[p] = np.log10(np.clip(v, 1e-6, None)) if p == "log_sfr_100myr" else v
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="phot")
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--chains", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--draws", type=int, default=300)
+    ap.add_argument("--neutra", action="store_true")
+    ap.add_argument("--max-steps", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--snr", type=float, default=20.0, help="S/N per band (and per spectral pixel / 7)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
+    post = load_shipped(args.model)
+    model = post.model
+    mock = make_mocks(model, args.n, seed=args.seed, redshift=0.1, snr_photometry=args.snr,
+                      snr_spectrum=args.snr / 7)
+    one = gradient_seconds(model, _first(mock.obs))
+    many = gradient_seconds(model, mock.obs.tile(args.chains))
+    b = args.n * args.chains
+    print(f"gradient of the potential: 1 galaxy {one * 1e3:.1f} ms; {b} targets in one batch {many * 1e3:.1f} ms "
+          f"= {many / b * 1e3:.2f} ms a target (batching gain {one * b / many:.1f}x)")
+    t = time.perf_counter()
+    idata = run_hmc(model, obs=mock.obs, num_samples=args.draws, warmup_steps=args.warmup, num_chains=args.chains,
+                    seed=args.seed, posterior=post if args.neutra else None, max_steps=args.max_steps,
+                    progress=False)
+    wall = time.perf_counter() - t
+    import arviz as az
+
+    ss = idata.sample_stats
+    n_grad = int(ss["n_steps"].sum())
+    summ = az.summary(idata, var_names=list(post.space.names) + ["log_stellar_mass"], kind="diagnostics")
+    print(f"HMC ({'flow coordinates' if args.neutra else 'unconstrained, Laplace start'}): {args.n} galaxies x "
+          f"{args.chains} chains x ({args.warmup} + {args.draws}): wall {wall:.0f} s, {n_grad / ss['n_steps'].size:.1f} "
+          f"gradients a draw (sampling), step size median {float(ss['step_size'].median()):.3f}, "
+          f"divergences {int(ss['diverging'].sum())}")
+    print(f"  R-hat max {summ['r_hat'].max():.3f}; bulk ESS min {summ['ess_bulk'].min():.0f}, median "
+          f"{summ['ess_bulk'].median():.0f}; bulk ESS per second per galaxy (median) "
+          f"{summ['ess_bulk'].median() / wall:.3f} (all galaxies together: {summ['ess_bulk'].median() * args.n / wall:.2f})")
+    rhat_gal = np.array([float(az.rhat(idata.isel(galaxy=g), var_names=list(post.space.names)).to_array().max())
+                         for g in range(args.n)])
+    t = time.perf_counter()
+    amort = post.sample(mock.obs, num_samples=4000, seed=args.seed)
+    print(f"amortized posterior: 4,000 draws + derived for {args.n} galaxies in {time.perf_counter() - t:.1f} s")
+    shifts, widths, inside68, inside95 = [], [], [], []
+    for g in range(args.n):
+        ref, amo = draws(idata, g), draws(amort, g)
+        cmp = compare_posteriors(amo, ref, seed=g)
+        shifts.append([cmp["shift"][p] for p in PARAMS])
+        widths.append([cmp["width_ratio"][p] for p in PARAMS])
+        truth = {p: float(np.log10(max(mock.truth["sfr_100myr"][g], 1e-6)) if p == "log_sfr_100myr"
+                          else mock.truth[p][g]) for p in PARAMS}
+        inside68.append([abs(np.mean(ref[p] <= truth[p]) - 0.5) < 0.34 for p in PARAMS])
+        inside95.append([abs(np.mean(ref[p] <= truth[p]) - 0.5) < 0.475 for p in PARAMS])
+    shifts, widths = np.array(shifts), np.array(widths)
+    good = rhat_gal <= 1.01
+    print(f"galaxies with R-hat <= 1.01: {good.sum()} of {args.n}")
+    print(f"{'parameter':18s} {'|shift|<0.3':>12s} {'width 0.8-1.25':>15s} {'median |shift|':>15s} "
+          f"{'median width':>13s} {'truth in 68%':>13s} {'in 95%':>7s}")
+    for j, p in enumerate(PARAMS):
+        ok_s = np.abs(shifts[:, j]) < 0.3
+        ok_w = (widths[:, j] > 0.8) & (widths[:, j] < 1.25)
+        print(f"{p:18s} {ok_s.sum():>6d} of {args.n:<3d} {ok_w.sum():>9d} of {args.n:<3d} "
+              f"{np.median(np.abs(shifts[:, j])):>15.2f} {np.median(widths[:, j]):>13.2f} "
+              f"{np.mean(np.array(inside68)[:, j]):>13.2f} {np.mean(np.array(inside95)[:, j]):>7.2f}")
+
+
+def _first(obs):
+    from sedppl.mocks import Mock, galaxy
+
+    return galaxy(Mock(obs, {}, None, None), 0).obs
+
+
+if __name__ == "__main__":
+    main()
