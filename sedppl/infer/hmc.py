@@ -68,6 +68,21 @@ def warmup_windows(num_warmup: int) -> list[int]:
     return ends
 
 
+def _to_white(chol: Tensor, u: Tensor) -> Tensor:
+    """Whitened coordinates w = L^-1 u (B, D) for inverse mass matrices L L^T."""
+    return torch.linalg.solve_triangular(chol, u[..., None], upper=False)[..., 0]
+
+
+def _from_white(chol: Tensor, w: Tensor) -> Tensor:
+    """u = L w (B, D)."""
+    return (chol @ w[..., None])[..., 0]
+
+
+def _white_grad(chol: Tensor, grad: Tensor) -> Tensor:
+    """dU/dw = L^T dU/du (B, D); non-finite entries set to 0 (the caller rejects those targets)."""
+    return (chol.transpose(-1, -2) @ torch.nan_to_num(grad)[..., None])[..., 0]
+
+
 class _DualAveraging:
     """Nesterov dual averaging of log step size per target (Hoffman & Gelman 2014, Alg. 5)."""
 
@@ -142,8 +157,8 @@ def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_
         p = torch.randn(b, d, generator=gen, dtype=dtype)
         h0 = pot + 0.5 * (p * p).sum(-1)
         # whitened coordinates: u = L w, so grad_w = L^T grad_u and the kinetic energy is |p|^2 / 2
-        w = torch.linalg.solve_triangular(chol, u[..., None], upper=False)[..., 0]
-        gw = (chol.transpose(-1, -2) @ grad[..., None])[..., 0]
+        w = _to_white(chol, u)
+        gw = _white_grad(chol, grad)
         alive = torch.ones(b, dtype=torch.bool)
         w_new, p_new, pot_new, g_new = w.clone(), p - 0.5 * eps[:, None] * gw, pot.clone(), grad.clone()
         for step in range(int(n_steps.max())):
@@ -151,12 +166,11 @@ def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_
             if not moving.any():
                 break
             w_try = torch.where(moving[:, None], w_new + eps[:, None] * p_new, w_new)
-            u_try = (chol @ w_try[..., None])[..., 0]
-            pot_try, g_try = potential.value_and_grad(u_try)
+            pot_try, g_try = potential.value_and_grad(_from_white(chol, w_try))
             bad = moving & (~torch.isfinite(pot_try) | ~torch.isfinite(g_try).all(-1))
             alive = alive & ~bad
             moving = moving & ~bad
-            gw_try = (chol.transpose(-1, -2) @ torch.nan_to_num(g_try)[..., None])[..., 0]
+            gw_try = _white_grad(chol, g_try)
             last = (step + 1 == n_steps)[:, None]
             p_try = p_new - torch.where(last, 0.5, 1.0) * eps[:, None] * gw_try
             m = moving[:, None]
@@ -169,7 +183,7 @@ def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_
         diverging = ~alive | ~torch.isfinite(delta) | (delta > DIVERGENCE_ENERGY)
         accept_prob = torch.where(diverging, torch.zeros_like(delta), torch.exp(-delta).clamp(max=1.0))
         accept = torch.rand(b, generator=gen, dtype=dtype) < accept_prob
-        u = torch.where(accept[:, None], (chol @ w_new[..., None])[..., 0], u)
+        u = torch.where(accept[:, None], _from_white(chol, w_new), u)
         pot = torch.where(accept, pot_new, pot)
         grad = torch.where(accept[:, None], g_new, grad)
         if warm:
@@ -203,15 +217,14 @@ def _initial_step_size(potential, u: Tensor, chol: Tensor, step: float, gen: tor
     b, d = u.shape
     eps = torch.full((b,), step, dtype=u.dtype)
     pot, grad = potential.value_and_grad(u)
-    gw = (chol.transpose(-1, -2) @ grad[..., None])[..., 0]
-    w = torch.linalg.solve_triangular(chol, u[..., None], upper=False)[..., 0]
+    gw, w = _white_grad(chol, grad), _to_white(chol, u)
     todo = torch.ones(b, dtype=torch.bool)
     for _ in range(tries):
         p = torch.randn(b, d, generator=gen, dtype=u.dtype)
         p1 = p - 0.5 * eps[:, None] * gw
         w1 = w + eps[:, None] * p1
-        pot1, g1 = potential.value_and_grad((chol @ w1[..., None])[..., 0])
-        p1 = p1 - 0.5 * eps[:, None] * (chol.transpose(-1, -2) @ torch.nan_to_num(g1)[..., None])[..., 0]
+        pot1, g1 = potential.value_and_grad(_from_white(chol, w1))
+        p1 = p1 - 0.5 * eps[:, None] * _white_grad(chol, g1)
         delta = pot1 + 0.5 * (p1 * p1).sum(-1) - pot - 0.5 * (p * p).sum(-1)
         ok = torch.isfinite(delta) & (delta < math.log(2.0))
         todo = todo & ~ok
