@@ -75,8 +75,7 @@ class _ZooModel:
         if obs is None:
             return n_galaxies
         obs.check_bands(self.bands)
-        flux = obs.flux if obs.has_spectrum else obs.band_flux
-        return flux.shape[0] if flux.ndim == 2 else 1
+        return obs.n_galaxies
 
     def _stellar_latents(self, obs, redshift, n):
         """Redshift, continuity SFH, smooth ZH and dust: the sites both zoo models share."""
