@@ -42,7 +42,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .potential import BatchedPotential, find_modes, laplace_covariance
+from .potential import BatchedPotential, find_modes, laplace_covariance, physics_dtype
 
 DIVERGENCE_ENERGY = 1000.0
 
@@ -247,12 +247,17 @@ def _window_covariance(draws: Tensor, previous: Tensor) -> Tensor:
 def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: int = 500,
             num_chains: int = 4, seed: int = 0, posterior=None, map_restarts: int = 4, map_steps: int = 200,
             jitter: float = 1.0, trajectory_length: float = 0.5 * math.pi, target_accept: float = 0.8,
-            max_steps: int = 128, progress: bool = True, **kwargs):
+            max_steps: int = 128, dtype: torch.dtype = torch.float32, neutra: bool = True, init_draws: int = 64,
+            progress: bool = True, **kwargs):
     """Sample the posteriors of every galaxy of ``obs``, with several chains each, in one batch.
 
     With ``posterior`` (a trained amortized posterior of this model), the chains
     run in its flow's base space (:mod:`sedppl.infer.neutra`) and start from
-    independent flow draws, with identity mass matrices. Without it, they run in
+    independent flow draws, with identity mass matrices; with ``neutra=False`` it
+    only finds the starts: the mode search begins at the best (highest posterior
+    density) of ``init_draws`` amortized draws per galaxy instead of prior draws,
+    which matters for spectra, whose posteriors have many local optima far from
+    the prior's bulk. Otherwise they run in
     the model's unconstrained coordinates and start near each galaxy's mode (the
     best of ``map_restarts`` L-BFGS runs from prior draws): chain 0 at the mode,
     the others at a draw of the Laplace approximation scaled by ``jitter``, with
@@ -266,8 +271,14 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
         seed: Seed of everything random here.
         posterior: A :class:`sedppl.infer.npe.NeuralPosterior` of ``model`` to precondition with, or None.
         map_restarts, map_steps: Mode search (random starts per galaxy; L-BFGS iterations).
+        neutra, init_draws: With ``posterior``: sample in its flow's coordinates (True), or
+            start the mode search from the best of ``init_draws`` of its draws (False).
         jitter: Scale of the Laplace draw that starts chains 1, 2, ... (0: all at the mode).
         trajectory_length, target_accept, max_steps: See :func:`sample_hmc`.
+        dtype: Precision of the site values and of the model's physics during the run
+            (:func:`sedppl.infer.potential.physics_dtype`): ``torch.float64`` for high-S/N
+            spectra, whose float32 potential is noisy at the 0.1 level (see docs/inference.md);
+            float32 (the default) for photometry.
         kwargs: Other keyword arguments of the model.
 
     Returns:
@@ -278,17 +289,25 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
         bands) and ``observed_data``; R-hat / ESS / divergences are checked with a
         warning (:func:`sedppl.infer.nuts.check_convergence`).
     """
+    with physics_dtype(model, dtype):
+        return _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, seed, posterior,
+                        map_restarts, map_steps, jitter, trajectory_length, target_accept, max_steps, dtype,
+                        neutra, init_draws, progress)
+
+
+def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, seed, posterior, map_restarts,
+             map_steps, jitter, trajectory_length, target_accept, max_steps, dtype, neutra, init_draws, progress):
     from .nuts import check_convergence
 
     pyro.set_rng_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     g = obs.n_galaxies
     tiled = obs.tile(num_chains)
-    if posterior is not None:
+    if posterior is not None and neutra:
         from .neutra import FlowCoordinates
 
         potential = BatchedPotential(model, args, {**kwargs, "obs": tiled},
-                                     coordinates=FlowCoordinates(posterior, tiled))
+                                     coordinates=FlowCoordinates(posterior, tiled, dtype))
         start = torch.randn(num_chains * g, potential.dim, generator=gen, dtype=torch.float64)
         for _ in range(20):  # redraw the rare start outside the support
             with torch.no_grad():
@@ -298,8 +317,11 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
             start[bad] = torch.randn(int(bad.sum()), potential.dim, generator=gen, dtype=torch.float64)
         inverse_mass = None
     else:
-        start, cov = _mode_starts(model, args, kwargs, obs, num_chains, map_restarts, map_steps, jitter, gen)
-        potential = BatchedPotential(model, args, {**kwargs, "obs": tiled})
+        starts = None if posterior is None else _posterior_draws(model, args, kwargs, obs, posterior,
+                                                                 init_draws, seed, dtype)
+        start, cov = _mode_starts(model, args, kwargs, obs, num_chains, map_restarts, map_steps, jitter, gen,
+                                  dtype, starts)
+        potential = BatchedPotential(model, args, {**kwargs, "obs": tiled}, dtype=dtype)
         with torch.no_grad():
             ok = torch.isfinite(potential(start))
         start = torch.where(ok[:, None], start, start[:g].repeat(num_chains, 1))
@@ -312,16 +334,37 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
     return idata
 
 
-def _mode_starts(model, args, kwargs, obs, chains, restarts, steps, jitter, gen) -> tuple[Tensor, Tensor]:
-    """Starting points (chains * G, D) near each galaxy's mode, and the Laplace covariances (G, D, D)."""
+def _posterior_draws(model, args, kwargs, obs, posterior, n, seed, dtype) -> Tensor:
+    """u (G, D): the highest-density of ``n`` amortized draws of every galaxy."""
     g = obs.n_galaxies
-    many = BatchedPotential(model, args, {**kwargs, "obs": obs.tile(restarts)})
-    u_r, pot_r = find_modes(many, many.prior_draw(), steps=steps)
+    post = posterior.sample(obs, n, derived=False, seed=seed).posterior
+    pot = BatchedPotential(model, args, {**kwargs, "obs": obs.tile(n)}, dtype=dtype)
+    values = {}
+    for k in pot.names:  # (1, draw, galaxy, *event) -> (draw * galaxy, *event), galaxy fastest as in tile
+        v = torch.as_tensor(post[k].values)
+        values[k] = v.reshape((n * g,) + tuple(v.shape[3:]))
+    u = pot.flatten(values)
+    with torch.no_grad():
+        p = pot(u)
+    p = torch.where(torch.isfinite(p), p, torch.full_like(p, float("inf"))).reshape(n, g)
+    return u.reshape(n, g, -1)[p.argmin(0), torch.arange(g)]
+
+
+def _mode_starts(model, args, kwargs, obs, chains, restarts, steps, jitter, gen, dtype,
+                 starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Starting points (chains * G, D) near each galaxy's mode, and the Laplace covariances (G, D, D).
+
+    The mode search starts from ``restarts`` prior draws per galaxy, or from ``starts`` (G, D)."""
+    g = obs.n_galaxies
+    if starts is not None:
+        restarts = 1
+    many = BatchedPotential(model, args, {**kwargs, "obs": obs.tile(restarts)}, dtype=dtype)
+    u_r, pot_r = find_modes(many, many.prior_draw() if starts is None else starts, steps=steps)
     pot_r = torch.where(torch.isfinite(pot_r), pot_r, torch.full_like(pot_r, float("inf"))).reshape(restarts, g)
     if not torch.all(torch.isfinite(pot_r.min(0).values)):
         raise RuntimeError("no finite posterior density found from any start for some galaxy; check the data")
     mode = u_r.reshape(restarts, g, -1)[pot_r.argmin(0), torch.arange(g)]
-    cov = laplace_covariance(BatchedPotential(model, args, {**kwargs, "obs": obs}), mode)
+    cov = laplace_covariance(BatchedPotential(model, args, {**kwargs, "obs": obs}, dtype=dtype), mode)
     chol = torch.linalg.cholesky(cov)
     kick = (chol.repeat(chains, 1, 1) @ torch.randn(chains * g, mode.shape[1], 1, generator=gen,
                                                     dtype=mode.dtype))[..., 0]

@@ -41,12 +41,14 @@ class FlowCoordinates:
     Arguments:
         posterior: A trained :class:`~sedppl.infer.npe.NeuralPosterior` of the model to be sampled.
         obs: The observation of the B targets (e.g. galaxies tiled once per chain).
+        dtype: Floating type of the site values handed to the model.
 
     Use as ``coordinates`` of :class:`sedppl.infer.potential.BatchedPotential`.
     """
 
-    def __init__(self, posterior: NeuralPosterior, obs: Observation):
+    def __init__(self, posterior: NeuralPosterior, obs: Observation, dtype: torch.dtype = torch.float32):
         self.posterior = posterior
+        self.dtype = dtype
         self.space = posterior.space
         self.names = self.space.names
         self.dim = self.space.dim
@@ -58,7 +60,7 @@ class FlowCoordinates:
         self.log_scale = torch.log(posterior.theta_scale).sum().double()
 
     def constrain(self, z: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """{site: value (B, *event)} (float32) and log |d theta / d z| (B,) from z (B, D).
+        """{site: value (B, *event)} (``dtype``) and log |d theta / d z| (B,) from z (B, D).
 
         Targets whose parameter coordinates leave |u| <= ``U_MAX`` (prior tail mass
         < 1e-15 in whitened coordinates) get a log-Jacobian of -inf (zero density), so
@@ -69,7 +71,7 @@ class FlowCoordinates:
         u = torch.where(bad[:, None], torch.zeros_like(u), u)
         values, logdet = self.space.to_constrained(u, differentiable=True)
         logdet = torch.where(bad, torch.full_like(logdet, -float("inf")), logdet)
-        return {k: v.float() for k, v in values.items()}, ladj.to(z.dtype) + self.log_scale + logdet
+        return {k: v.to(self.dtype) for k, v in values.items()}, ladj.to(z.dtype) + self.log_scale + logdet
 
     def flatten(self, values: dict[str, Tensor]) -> Tensor:
         """z (B, D) float64 from constrained {site: value (B, *event)}."""

@@ -310,6 +310,6 @@ def check_convergence(idata, rhat_max: float = 1.01, ess_min: float = 100.0) -> 
     if div:
         problems.append(f"{div} divergent transitions")
     if problems:
-        warnings.warn("NUTS did not converge cleanly: " + "; ".join(problems)
+        warnings.warn("the MCMC chains did not converge cleanly: " + "; ".join(problems)
                       + ". Run longer chains, raise target_accept_prob, or check the model.", stacklevel=2)
     return {"rhat_max": rhat, "ess_bulk_min": ess, "divergences": div}
