@@ -5,7 +5,7 @@
                                                  mock observations from a zoo model's prior
     sedppl train posterior --model {phot,specphot} [--n-sims N] [--max-epochs E] [--out FILE]
                                                  train (or resume) an amortized posterior, then calibrate it
-    sedppl fit INPUT [--method npe|nuts] [--model phot|specphot] [--posterior FILE] [--out DIR]
+    sedppl fit INPUT [--method npe|hmc|nuts] [--model phot|specphot] [--posterior FILE] [--out DIR]
                                                  posteriors for every galaxy of a mock file, SDSS/DESI
                                                  spectrum file, or catalog
     sedppl compare INPUT [--galaxy I] [--model phot|specphot]
@@ -15,7 +15,7 @@
 Exit codes: 0 success, 2 bad arguments or input (with a message naming the problem),
 3 success, but some galaxies lie outside the posterior's training distribution or
   fail the posterior-predictive check (chi2/dof > 3),
-4 success, but NUTS did not converge for some galaxies (R-hat > 1.01, bulk ESS < 100 or divergences).
+4 success, but MCMC (hmc, nuts) did not converge for some galaxies (R-hat > 1.01, bulk ESS < 100 or divergences).
 """
 
 from __future__ import annotations
@@ -207,22 +207,32 @@ def _read_input(args: argparse.Namespace, model):
 def _fit(args: argparse.Namespace) -> int:
     import warnings
 
-    from .fitting import fit_catalog, fit_nuts
+    import torch
+
+    from .fitting import fit_catalog, fit_hmc, fit_nuts
     from .infer.npe import NeuralPosterior
     from .posteriors import load_shipped
 
-    if args.draws < 10 or args.chunk < 1:
+    chunk = args.chunk if args.chunk is not None else 20 if args.method == "hmc" else 500
+    if args.draws < 10 or chunk < 1:
         raise ValueError("--draws must be >= 10 and --chunk >= 1")
     model = _zoo_model(args.model)
     obs, truth = _read_input(args, model)
     t0 = time.time()
-    if args.method == "nuts":
-        table = fit_nuts(obs, model, args.out, num_samples=args.draws, warmup_steps=args.warmup,
-                         num_chains=args.chains, seed=args.seed, save_draws=not args.no_draws, plots=args.plots,
-                         truth=truth, max_tree_depth=args.max_tree_depth)
+    if args.method in ("nuts", "hmc"):
+        common = dict(num_samples=args.draws, warmup_steps=args.warmup, num_chains=args.chains, seed=args.seed,
+                      save_draws=not args.no_draws, plots=args.plots, truth=truth)
+        if args.method == "nuts":
+            table = fit_nuts(obs, model, args.out, max_tree_depth=args.max_tree_depth, **common)
+        else:  # starts from the amortized posterior's best draws; spectra in double precision
+            post = NeuralPosterior.load(args.posterior, model) if args.posterior else load_shipped(args.model, model)
+            dtype = torch.float64 if obs.has_spectrum else torch.float32
+            table = fit_hmc(obs, model, args.out, chunk=chunk, posterior=post, neutra=False, dtype=dtype,
+                            max_steps=args.max_steps, **common)
         # the thresholds of sedppl.infer.nuts.check_convergence; with one chain R-hat is NaN and ESS decides
         bad = int(((table["rhat_max"] > 1.01) | (table["ess_bulk_min"] < 100) | (table["divergences"] > 0)).sum())
-        print(f"[sedppl] {len(table)} galaxies fitted with NUTS in {time.time() - t0:.1f} s ({args.chains} chains x "
+        print(f"[sedppl] {len(table)} galaxies fitted with {args.method.upper()} in {time.time() - t0:.1f} s "
+              f"({args.chains} chains x "
               f"{args.draws} draws); median chi2/dof {np.nanmedian(table['chi2_dof']):.2f}; "
               f"wrote {Path(args.out) / 'summary.ecsv'}")
         if bad:
@@ -233,7 +243,7 @@ def _fit(args: argparse.Namespace) -> int:
     post = NeuralPosterior.load(args.posterior, model) if args.posterior else load_shipped(args.model, model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*outside the posterior's training distribution.*")
-        table = fit_catalog(obs, post, args.out, chunk=args.chunk, num_samples=args.draws, seed=args.seed,
+        table = fit_catalog(obs, post, args.out, chunk=chunk, num_samples=args.draws, seed=args.seed,
                             save_draws=not args.no_draws, plots=args.plots, truth=truth, workers=args.workers,
                             scheduler=args.scheduler, predictive_draws=args.predictive_draws)
     n_ood, n_poor = int(table["ood"].sum()), int(table["poor_fit"].sum())
@@ -337,20 +347,25 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(resumable)")
     f.add_argument("input", help="a file from `sedppl simulate`, an SDSS spec-*.fits or DESI coadd-*.fits file "
                                  "(use --model specphot), or a photometry catalog (FITS/ECSV/CSV)")
-    f.add_argument("--method", choices=["npe", "nuts"], default="npe",
-                   help="npe: amortized posterior, milliseconds a galaxy (default); nuts: MCMC, minutes a galaxy")
+    f.add_argument("--method", choices=["npe", "hmc", "nuts"], default="npe",
+                   help="npe: amortized posterior, milliseconds a galaxy (default); hmc: MCMC, every chain of "
+                        "--chunk galaxies in one batched computation, started from the amortized posterior's best "
+                        "draws (spectra in double precision); nuts: Pyro's NUTS, one galaxy at a time")
     f.add_argument("--model", choices=["phot", "specphot"], default="phot", help="zoo model (default phot)")
     f.add_argument("--posterior", default=None, help="a trained posterior (.safetensors); default: the shipped one")
     f.add_argument("--out", default="fit", help="output folder (default fit); a rerun resumes")
     f.add_argument("--draws", type=int, default=1000,
-                   help="posterior draws per galaxy (npe) or per chain (nuts) (default 1000)")
+                   help="posterior draws per galaxy (npe) or per chain (hmc, nuts) (default 1000)")
     f.add_argument("--predictive-draws", type=int, default=100,
                    help="npe: posterior-predictive model data (chi2/dof, figures) for this many draws a galaxy "
                         "(default 100; each costs a forward simulation)")
-    f.add_argument("--warmup", type=int, default=500, help="nuts: warmup steps per chain (default 500)")
-    f.add_argument("--chains", type=int, default=2, help="nuts: chains per galaxy (default 2)")
+    f.add_argument("--warmup", type=int, default=500, help="hmc, nuts: warmup steps per chain (default 500)")
+    f.add_argument("--chains", type=int, default=2, help="hmc, nuts: chains per galaxy (default 2)")
     f.add_argument("--max-tree-depth", type=int, default=8, help="nuts: maximum tree depth (default 8)")
-    f.add_argument("--chunk", type=int, default=500, help="galaxies per checkpointed chunk (default 500)")
+    f.add_argument("--max-steps", type=int, default=128,
+                   help="hmc: most leapfrog steps a transition (the batch waits for its longest; default 128)")
+    f.add_argument("--chunk", type=int, default=None,
+                   help="galaxies per checkpointed chunk (default 500; hmc: galaxies per batched run, default 20)")
     f.add_argument("--seed", type=int, default=0, help="seed of the draws")
     f.add_argument("--workers", type=int, default=1,
                    help="npe: local worker processes for the chunks (a Dask LocalCluster; default 1: this process)")

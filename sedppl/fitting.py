@@ -14,7 +14,9 @@ Chunks run in this process, in local worker processes, or on a Dask cluster
 (``workers`` / ``scheduler``); either way this process writes the files.
 
 :func:`fit_nuts` does the same with NUTS, one galaxy at a time, adding the
-convergence flags ``rhat_max``, ``ess_bulk_min`` and ``divergences``.
+convergence flags ``rhat_max``, ``ess_bulk_min`` and ``divergences``;
+:func:`fit_hmc` with batched HMC (:func:`sedppl.infer.hmc.run_hmc`), every
+chain of every galaxy of a chunk in one computation, with the same flags.
 
 Summary columns: ``name``; for every latent and derived site (vector sites per
 element) ``<site>_p16``, ``_p50``, ``_p84``; ``chi2_dof`` of the data against the
@@ -292,7 +294,7 @@ def fit_nuts(obs: Observation, model, out: str | Path, num_samples: int = 500, w
     from astropy.table import Table
     from tqdm.auto import tqdm
 
-    from .infer.nuts import check_convergence, run_nuts
+    from .infer.nuts import run_nuts
 
     out = Path(out)
     (out / "chunks").mkdir(parents=True, exist_ok=True)
@@ -309,21 +311,97 @@ def fit_nuts(obs: Observation, model, out: str | Path, num_samples: int = 500, w
             warnings.simplefilter("always")
             idata = run_nuts(model, part, num_samples=num_samples, warmup_steps=warmup_steps,
                              num_chains=num_chains, seed=seed + i, progress=False, predictive=True, **nuts_kwargs)
-            conv = check_convergence(idata)
-        table = summarize(idata, part, model, np.zeros(1, dtype=bool))
-        table["rhat_max"], table["ess_bulk_min"], table["divergences"] = (
-            [conv["rhat_max"]], [conv["ess_bulk_min"]], [conv["divergences"]])
-        if save_draws:  # the draws and the row first: a failure in plotting loses nothing computed
-            nc = out / "chunks" / f"nuts_{i:05d}.nc"
-            idata.to_netcdf(str(nc) + ".tmp")
-            os.replace(str(nc) + ".tmp", nc)
-        table.write(str(path) + ".tmp", format="ascii.ecsv", overwrite=True)
-        os.replace(str(path) + ".tmp", path)
-        if i < plots:
-            _plots(idata, part, model, f"{type(model).__name__}, NUTS", i, 1, out / "plots", truth)
-        tables.append(table)
-        for w in caught:
-            if "converge" in str(w.message):
-                warnings.warn(f"galaxy {i}: {w.message}", w.category)
+        tables.append(_write_mcmc(idata, part, model, out, f"nuts_{i:05d}", path, i, plots, truth, "NUTS",
+                                  save_draws))
+        _pass_convergence_warnings(caught, [i])
     return _write_summary(tables, out, f"sedppl fit --method nuts: {type(model).__name__}, {num_chains} chains x "
                           f"{num_samples} draws per galaxy, 16/50/84th percentiles; units as in docs/conventions.md")
+
+
+def fit_hmc(obs: Observation, model, out: str | Path, num_samples: int = 500, warmup_steps: int = 500,
+            num_chains: int = 4, chunk: int = 20, seed: int = 0, save_draws: bool = True, progress: bool = True,
+            plots: int = 0, truth: dict | None = None, predictive: int = 100, **hmc_kwargs):
+    """Fit every galaxy of ``obs`` with batched HMC, ``chunk`` galaxies (x chains) per computation, resumably.
+
+    Each chunk's draws go to ``chunks/hmc_NNNNN.nc`` and its rows to
+    ``chunks/summary_NNNNN.ecsv`` (NNNNN: the chunk's first galaxy; atomic writes;
+    a rerun skips finished chunks). Columns as :func:`fit_nuts`, the convergence
+    flags computed per galaxy.
+
+    Arguments:
+        obs: A batch observation.
+        model: The Pyro model (every latent site in its galaxy plate, as the zoo models).
+        out: Output folder.
+        num_samples, warmup_steps, num_chains: Per galaxy and chain.
+        chunk: Galaxies per batched run (the cost of a gradient grows slowly with the batch).
+        seed: Chunk starting at galaxy i runs with seed + i.
+        plots, truth: As in :func:`fit_catalog`.
+        predictive: Draws per chain whose model data are kept (for chi2/dof and the plots).
+        **hmc_kwargs: Passed on to :func:`sedppl.infer.hmc.run_hmc` (e.g. ``posterior``,
+            ``neutra``, ``dtype``, ``max_steps``).
+
+    Returns:
+        The summary table (astropy ``Table``).
+    """
+    from astropy.table import Table, vstack
+    from tqdm.auto import tqdm
+
+    from .infer.hmc import run_hmc
+
+    out = Path(out)
+    (out / "chunks").mkdir(parents=True, exist_ok=True)
+    n = n_galaxies(obs)
+    tables = []
+    for i in tqdm(range(0, n, chunk), disable=not progress, desc="HMC", unit="chunk"):
+        path = out / "chunks" / f"summary_{i:05d}.ecsv"
+        if path.exists():
+            tables.append(Table.read(path))
+            continue
+        part = subset(obs, slice(i, min(i + chunk, n)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            idata = run_hmc(model, obs=part, num_samples=num_samples, warmup_steps=warmup_steps,
+                            num_chains=num_chains, seed=seed + i, progress=progress, predictive=predictive,
+                            **hmc_kwargs)
+        tables.append(_write_mcmc(idata, part, model, out, f"hmc_{i:05d}", path, i, plots, truth, "HMC",
+                                  save_draws))
+        _pass_convergence_warnings(caught, list(range(i, min(i + chunk, n))))
+    table = vstack(tables) if tables else Table()
+    return _write_summary([table], out, f"sedppl fit --method hmc: {type(model).__name__}, {num_chains} chains x "
+                          f"{num_samples} draws per galaxy, 16/50/84th percentiles; units as in docs/conventions.md")
+
+
+def _write_mcmc(idata, part: Observation, model, out: Path, stem: str, path: Path, first: int, plots: int,
+                truth, engine: str, save_draws: bool):
+    """Summary rows of an MCMC run over the galaxies of ``part`` with per-galaxy convergence flags;
+    the draws and the rows are written (atomically) before any figure."""
+    from .infer.nuts import check_convergence
+
+    g = n_galaxies(part)
+    table = summarize(idata, part, model, np.zeros(g, dtype=bool))
+    flags = []
+    for j in range(g):
+        one = idata.isel(galaxy=j) if g > 1 else idata
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flags.append(check_convergence(one))
+    for key in ("rhat_max", "ess_bulk_min", "divergences"):
+        table[key] = [f[key] for f in flags]
+    if save_draws:
+        nc = out / "chunks" / f"{stem}.nc"
+        idata.to_netcdf(str(nc) + ".tmp")
+        os.replace(str(nc) + ".tmp", nc)
+    table.write(str(path) + ".tmp", format="ascii.ecsv", overwrite=True)
+    os.replace(str(path) + ".tmp", path)
+    if first < plots:
+        _plots(idata, part, model, f"{type(model).__name__}, {engine}", first, min(g, plots - first),
+               out / "plots", truth)
+    return table
+
+
+def _pass_convergence_warnings(caught, galaxies: list[int]) -> None:
+    """Re-issue the convergence warnings of an MCMC run, naming its galaxies."""
+    label = f"galaxy {galaxies[0]}" if len(galaxies) == 1 else f"galaxies {galaxies[0]}-{galaxies[-1]}"
+    for w in caught:
+        if "converge" in str(w.message):
+            warnings.warn(f"{label}: {w.message}", w.category)

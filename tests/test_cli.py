@@ -94,7 +94,8 @@ def test_fit_rejects_missing_and_unknown_input(tmp_path):
 
 def test_fit_nuts_and_compare_through_the_entry_point(tmp_path):
     """`fit --method nuts` and `compare` on a photometry mock with tiny NUTS settings: the outputs
-    exist with the convergence columns (short chains do not converge: exit code 4), and the comparison
+    exist with the convergence columns (short chains do not converge: exit code 4); `fit --method hmc`
+    writes the same table (finite per-galaxy R-hat from 2 chains) and its draws; and the comparison
     reports every requested parameter with finite shifts and widths."""
     import json
 
@@ -106,6 +107,12 @@ def test_fit_nuts_and_compare_through_the_entry_point(tmp_path):
     table = Table.read(tmp_path / "nuts" / "summary.ecsv")
     assert len(table) == 2 and {"rhat_max", "ess_bulk_min", "divergences", "chi2_dof"} <= set(table.colnames)
     assert np.all(table["chi2_dof"] > 0.01)
+    r = run("fit", str(mocks), "--method", "hmc", "--model", "phot", "--draws", "30", "--warmup", "30",
+            "--chains", "2", "--max-steps", "8", "--out", str(tmp_path / "hmc"))
+    assert r.returncode in (0, 4) and "fitted with HMC" in r.stdout, r.stderr  # 30 draws may not converge
+    hmc = Table.read(tmp_path / "hmc" / "summary.ecsv")
+    assert len(hmc) == 2 and np.all(np.isfinite(hmc["rhat_max"])) and np.all(hmc["chi2_dof"] > 0.01)
+    assert (tmp_path / "hmc" / "chunks" / "hmc_00000.nc").exists()
     r = run("compare", str(mocks), "--galaxy", "1", "--model", "phot", "--npe-draws", "1000", *tiny,
             "--params", "log_stellar_mass,tau_ism", "--out", str(tmp_path / "cmp"))
     assert r.returncode == 0, r.stderr

@@ -248,7 +248,7 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
             num_chains: int = 4, seed: int = 0, posterior=None, map_restarts: int = 4, map_steps: int = 200,
             jitter: float = 1.0, trajectory_length: float = 0.5 * math.pi, target_accept: float = 0.8,
             max_steps: int = 128, dtype: torch.dtype = torch.float32, neutra: bool = True, init_draws: int = 64,
-            progress: bool = True, **kwargs):
+            predictive: int = 0, progress: bool = True, **kwargs):
     """Sample the posteriors of every galaxy of ``obs``, with several chains each, in one batch.
 
     With ``posterior`` (a trained amortized posterior of this model), the chains
@@ -273,6 +273,9 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
         map_restarts, map_steps: Mode search (random starts per galaxy; L-BFGS iterations).
         neutra, init_draws: With ``posterior``: sample in its flow's coordinates (True), or
             start the mode search from the best of ``init_draws`` of its draws (False).
+        predictive: Keep the noise-free model data (the means of the observed sites: the
+            model spectrum and band fluxes) of this many evenly spaced draws per chain, as
+            group ``posterior_predictive`` (for chi2/dof and plots); 0 for none.
         jitter: Scale of the Laplace draw that starts chains 1, 2, ... (0: all at the mode).
         trajectory_length, target_accept, max_steps: See :func:`sample_hmc`.
         dtype: Precision of the site values and of the model's physics during the run
@@ -292,11 +295,12 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
     with physics_dtype(model, dtype):
         return _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, seed, posterior,
                         map_restarts, map_steps, jitter, trajectory_length, target_accept, max_steps, dtype,
-                        neutra, init_draws, progress)
+                        neutra, init_draws, predictive, progress)
 
 
 def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, seed, posterior, map_restarts,
-             map_steps, jitter, trajectory_length, target_accept, max_steps, dtype, neutra, init_draws, progress):
+             map_steps, jitter, trajectory_length, target_accept, max_steps, dtype, neutra, init_draws, predictive,
+             progress):
     from .nuts import check_convergence
 
     pyro.set_rng_seed(seed)
@@ -329,7 +333,7 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
     res = sample_hmc(potential, start, warmup_steps, num_samples, inverse_mass=inverse_mass,
                      trajectory_length=trajectory_length, target_accept=target_accept, max_steps=max_steps,
                      generator=gen, progress=progress)
-    idata = _to_arviz(potential, res, num_chains, g)
+    idata = _to_arviz(potential, res, num_chains, g, predictive)
     check_convergence(idata)
     return idata
 
@@ -372,14 +376,17 @@ def _mode_starts(model, args, kwargs, obs, chains, restarts, steps, jitter, gen,
     return mode.repeat(chains, 1) + jitter * kick, cov
 
 
-def _to_arviz(potential: BatchedPotential, res: dict, chains: int, g: int):
-    """(draw, chain * galaxy) draws to InferenceData with (chain, draw, galaxy, ...) variables."""
+def _to_arviz(potential: BatchedPotential, res: dict, chains: int, g: int, predictive: int = 0):
+    """(draw, chain * galaxy) draws to InferenceData with (chain, draw, galaxy, ...) variables
+    (and the observed sites' means at ``predictive`` evenly spaced draws)."""
     import arviz as az
 
     draws = res["u"]
     s = draws.shape[0]
     post: dict[str, list] = {}
     loglik: dict[str, list] = {}
+    pred: dict[str, list] = {}
+    keep = set(np.linspace(0, s - 1, min(predictive, s)).round().astype(int).tolist()) if predictive else set()
     observed = {}
     with torch.no_grad():
         for i in range(s):
@@ -389,13 +396,16 @@ def _to_arviz(potential: BatchedPotential, res: dict, chains: int, g: int):
                     continue
                 if name in potential.names or site["infer"].get("_deterministic", False):
                     post.setdefault(name, []).append(site["value"].detach())
-                elif i == 0:
+                    continue
+                if i == 0:
                     observed[name] = site["value"].detach()[:g].numpy()
+                if i in keep:
+                    pred.setdefault(name, []).append(site["fn"].mean.detach())
             for k, v in ll.items():
                 loglik.setdefault(k, []).append(v)
 
     def layout(v: Tensor) -> np.ndarray:  # (draw, chain * galaxy, ...) -> (chain, draw, galaxy, ...)
-        v = v.reshape((s, chains, g) + tuple(v.shape[2:]))
+        v = v.reshape((v.shape[0], chains, g) + tuple(v.shape[2:]))
         return v.transpose(0, 1).numpy()
 
     posterior = {k: layout(torch.stack(v)) for k, v in post.items()}
@@ -406,5 +416,7 @@ def _to_arviz(potential: BatchedPotential, res: dict, chains: int, g: int):
     dims.update({k: ["galaxy"] for k in stats})
     ll = {k: layout(torch.stack(v)) for k, v in loglik.items()}
     dims.update({k: ["galaxy"] for k in ll})
+    pp = {k: layout(torch.stack(v)) for k, v in pred.items()}
+    dims.update({k: ["galaxy"] + [f"{k}_dim_{j}" for j in range(v.ndim - 3)] for k, v in pp.items()})
     return az.from_dict(posterior=posterior, sample_stats=stats, log_likelihood=ll, observed_data=observed,
-                        dims=dims)
+                        posterior_predictive=pp or None, dims=dims)
