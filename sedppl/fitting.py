@@ -291,30 +291,14 @@ def fit_nuts(obs: Observation, model, out: str | Path, num_samples: int = 500, w
     Returns:
         The summary table (astropy ``Table``).
     """
-    from astropy.table import Table
-    from tqdm.auto import tqdm
-
     from .infer.nuts import run_nuts
 
-    out = Path(out)
-    (out / "chunks").mkdir(parents=True, exist_ok=True)
-    n = n_galaxies(obs)
-    tables = []
+    def run(part, i):
+        return run_nuts(model, part, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
+                        seed=seed + i, progress=False, predictive=True, **nuts_kwargs)
 
-    for i in tqdm(range(n), disable=not progress, desc="NUTS", unit="galaxy"):
-        path = out / "chunks" / f"summary_{i:05d}.ecsv"
-        if path.exists():
-            tables.append(Table.read(path))
-            continue
-        part = subset(obs, slice(i, i + 1))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            idata = run_nuts(model, part, num_samples=num_samples, warmup_steps=warmup_steps,
-                             num_chains=num_chains, seed=seed + i, progress=False, predictive=True, **nuts_kwargs)
-        tables.append(_write_mcmc(idata, part, model, out, f"nuts_{i:05d}", path, i, plots, truth, "NUTS",
-                                  save_draws))
-        _pass_convergence_warnings(caught, [i])
-    return _write_summary(tables, out, f"sedppl fit --method nuts: {type(model).__name__}, {num_chains} chains x "
+    tables = _fit_mcmc(obs, model, Path(out), 1, run, "nuts", "NUTS", progress, plots, truth, save_draws)
+    return _write_summary(tables, Path(out), f"sedppl fit --method nuts: {type(model).__name__}, {num_chains} chains x "
                           f"{num_samples} draws per galaxy, 16/50/84th percentiles; units as in docs/conventions.md")
 
 
@@ -343,16 +327,28 @@ def fit_hmc(obs: Observation, model, out: str | Path, num_samples: int = 500, wa
     Returns:
         The summary table (astropy ``Table``).
     """
-    from astropy.table import Table, vstack
-    from tqdm.auto import tqdm
-
     from .infer.hmc import run_hmc
 
-    out = Path(out)
+    def run(part, i):
+        return run_hmc(model, obs=part, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
+                       seed=seed + i, progress=progress, predictive=predictive, **hmc_kwargs)
+
+    tables = _fit_mcmc(obs, model, Path(out), chunk, run, "hmc", "HMC", progress, plots, truth, save_draws)
+    return _write_summary(tables, Path(out), f"sedppl fit --method hmc: {type(model).__name__}, {num_chains} chains "
+                          f"x {num_samples} draws per galaxy, 16/50/84th percentiles; units as in docs/conventions.md")
+
+
+def _fit_mcmc(obs: Observation, model, out: Path, chunk: int, run, stem: str, engine: str, progress: bool,
+              plots: int, truth, save_draws: bool) -> list:
+    """Summary tables of ``run(part, first_galaxy) -> InferenceData`` over chunks of ``obs``, each
+    written as it finishes; chunks whose summary exists are read back instead (resume)."""
+    from astropy.table import Table
+    from tqdm.auto import tqdm
+
     (out / "chunks").mkdir(parents=True, exist_ok=True)
     n = n_galaxies(obs)
     tables = []
-    for i in tqdm(range(0, n, chunk), disable=not progress, desc="HMC", unit="chunk"):
+    for i in tqdm(range(0, n, chunk), disable=not progress, desc=engine, unit="galaxy" if chunk == 1 else "chunk"):
         path = out / "chunks" / f"summary_{i:05d}.ecsv"
         if path.exists():
             tables.append(Table.read(path))
@@ -360,15 +356,11 @@ def fit_hmc(obs: Observation, model, out: str | Path, num_samples: int = 500, wa
         part = subset(obs, slice(i, min(i + chunk, n)))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            idata = run_hmc(model, obs=part, num_samples=num_samples, warmup_steps=warmup_steps,
-                            num_chains=num_chains, seed=seed + i, progress=progress, predictive=predictive,
-                            **hmc_kwargs)
-        tables.append(_write_mcmc(idata, part, model, out, f"hmc_{i:05d}", path, i, plots, truth, "HMC",
+            idata = run(part, i)
+        tables.append(_write_mcmc(idata, part, model, out, f"{stem}_{i:05d}", path, i, plots, truth, engine,
                                   save_draws))
         _pass_convergence_warnings(caught, list(range(i, min(i + chunk, n))))
-    table = vstack(tables) if tables else Table()
-    return _write_summary([table], out, f"sedppl fit --method hmc: {type(model).__name__}, {num_chains} chains x "
-                          f"{num_samples} draws per galaxy, 16/50/84th percentiles; units as in docs/conventions.md")
+    return tables
 
 
 def _write_mcmc(idata, part: Observation, model, out: Path, stem: str, path: Path, first: int, plots: int,
