@@ -280,7 +280,7 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
         trajectory_length, target_accept, max_steps: See :func:`sample_hmc`.
         dtype: Precision of the site values and of the model's physics during the run
             (:func:`sedppl.infer.potential.physics_dtype`): ``torch.float64`` for high-S/N
-            spectra, whose float32 potential is noisy at the 0.1 level (see docs/inference.md);
+            spectra, whose float32 potential carries rounding errors of order 1 (docs/inference.md);
             float32 (the default) for photometry.
         kwargs: Other keyword arguments of the model.
 
