@@ -144,10 +144,29 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _zoo_model(name: str):
+def _zoo_model(name: str, sps: str = "exact"):
     from .zoo import PhotometryModel, SpecPhotModel
 
-    return SpecPhotModel() if name == "specphot" else PhotometryModel()
+    return SpecPhotModel(sps=sps) if name == "specphot" else PhotometryModel(sps=sps)
+
+
+def _train_emulator(args: argparse.Namespace) -> int:
+    from .sps.emulated import train_branch_emulator
+
+    if args.n_train < 100:
+        raise ValueError("--n-train must be >= 100")
+    model = _zoo_model(args.model)
+    branch = args.branch or ("spec" if args.model == "specphot" else "phot")
+    out = args.out if args.out != "posterior.safetensors" else f"emulator_{args.model}_{branch}.safetensors"
+    t0 = time.time()
+    emu = train_branch_emulator(model, branch, out, n_train=args.n_train, n_valid=max(100, args.n_train // 10),
+                                n_components=args.n_components, seed=args.seed, max_epochs=args.max_epochs,
+                                patience=args.patience)
+    acc = emu.card.accuracy
+    print(f"[sedppl] trained in {time.time() - t0:.0f} s; on {emu.card.n_valid} validation draws |df/f| median "
+          f"{acc['median_abs_frac']:.2e}, 99th percentile {acc['p99_abs_frac']:.2e}")
+    print(f"[sedppl] wrote {Path(out).with_suffix('.safetensors')} and its card {Path(out).with_suffix('.json')}")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -159,6 +178,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.what == "emulator":
+        return _train_emulator(args)
     if args.n_sims < 100 or args.n_calibration < 10:
         raise ValueError("--n-sims must be >= 100 and --n-calibration >= 10")
     model = _zoo_model(args.model)
@@ -216,7 +237,7 @@ def _fit(args: argparse.Namespace) -> int:
     chunk = args.chunk if args.chunk is not None else 20 if args.method == "hmc" else 500
     if args.draws < 10 or chunk < 1:
         raise ValueError("--draws must be >= 10 and --chunk >= 1")
-    model = _zoo_model(args.model)
+    model = _zoo_model(args.model, args.sps)
     obs, truth = _read_input(args, model)
     t0 = time.time()
     if args.method in ("nuts", "hmc"):
@@ -326,8 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of truths and noise")
     s.add_argument("--out", default="mocks.fits", help="output FITS file (default mocks.fits)")
     s.set_defaults(func=_simulate)
-    t = sub.add_parser("train", help="train an amortized posterior for a zoo model (resumes if interrupted)")
-    t.add_argument("what", choices=["posterior"], help="what to train")
+    t = sub.add_parser("train", help="train an amortized posterior or an SPS emulator for a zoo model "
+                                     "(resumes if interrupted)")
+    t.add_argument("what", choices=["posterior", "emulator"],
+                   help="posterior: amortized NPE posterior; emulator: the older stars' light of one rest-frame "
+                        "grid, from the exact synthesis (sedppl.sps.emulated)")
     t.add_argument("--model", choices=["phot", "specphot"], default="phot",
                    help="phot: SDSS ugriz (SEDflow-like); specphot: DESI-like spectrum + grzW1W2")
     t.add_argument("--n-sims", type=int, default=100_000, help="prior-predictive simulations (default 100000)")
@@ -341,7 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out simulations for the calibration figures on the card (0: skip)")
     t.add_argument("--seed", type=int, default=0, help="seed of simulations, noise and initialisation")
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    t.add_argument("--out", default="posterior.safetensors", help="output weights (+ .json card)")
+    t.add_argument("--out", default="posterior.safetensors",
+                   help="output weights (+ .json card); emulator default: emulator_MODEL_BRANCH.safetensors")
+    t.add_argument("--branch", choices=["spec", "phot"], default=None,
+                   help="emulator: the spectrum's fine grid or photometry's coarse grid (default: spec for "
+                        "specphot, phot for phot)")
+    t.add_argument("--n-train", type=int, default=60_000, help="emulator: training draws (default 60000)")
+    t.add_argument("--n-components", type=int, default=64, help="emulator: PCA components (default 64)")
     t.set_defaults(func=_train)
     f = sub.add_parser("fit", help="posteriors for every galaxy of a mock file, spectrum file or photometry catalog "
                                    "(resumable)")
@@ -353,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "draws (spectra in double precision); nuts: Pyro's NUTS, one galaxy at a time")
     f.add_argument("--model", choices=["phot", "specphot"], default="phot", help="zoo model (default phot)")
     f.add_argument("--posterior", default=None, help="a trained posterior (.safetensors); default: the shipped one")
+    f.add_argument("--sps", choices=["exact", "emulated"], default="exact",
+                   help="stellar synthesis of the model: exact (default) or the shipped emulator (phot only)")
     f.add_argument("--out", default="fit", help="output folder (default fit); a rerun resumes")
     f.add_argument("--draws", type=int, default=1000,
                    help="posterior draws per galaxy (npe) or per chain (hmc, nuts) (default 1000)")

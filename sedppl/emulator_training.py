@@ -115,6 +115,7 @@ def train_emulator(simulator: Simulator, prior: Prior, card: EmulatorCard, out: 
     x_tr, x_va = (theta[:n_train] - emu.param_shift) / emu.param_scale, (theta[n_train:] - emu.param_shift) / emu.param_scale
     y_all = _targets(emu, log_flux, scalars)
     y_tr, y_va = y_all[:n_train], y_all[n_train:]
+    loss_fn = _loss_function(emu)
     state_file, meta_file = ckpt / "state.safetensors", ckpt / "state.json"
     meta = {"stage": 0, "epoch": 0, "best": float("inf"), "stale": 0}
     best_state = {k: v.clone() for k, v in emu.state_dict().items()}
@@ -134,13 +135,13 @@ def train_emulator(simulator: Simulator, prior: Prior, card: EmulatorCard, out: 
             emu.mlp.train()
             for i in range(0, n_train, batch):
                 idx = perm[i:i + batch]
-                loss = _loss(emu, emu.mlp(x_tr[idx]), y_tr[idx])
+                loss = loss_fn(emu.mlp(x_tr[idx]), y_tr[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             emu.mlp.eval()
             with torch.no_grad():
-                val = float(_loss(emu, emu.mlp(x_va), y_va))
+                val = float(loss_fn(emu.mlp(x_va), y_va))
             meta["epoch"] += 1
             if val < meta["best"]:
                 meta["best"], meta["stale"] = val, 0
@@ -164,15 +165,27 @@ def train_emulator(simulator: Simulator, prior: Prior, card: EmulatorCard, out: 
     return emu
 
 
-def _loss(emu: SpectrumEmulator, pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error of the log spectrum (natural log, i.e. ~fractional flux error)
-    over pixels, plus that of the scalars: PCA components weigh by what they carry."""
+def _loss_function(emu: SpectrumEmulator) -> Callable[[Tensor, Tensor], Tensor]:
+    """Mean squared error of the rebuilt log spectrum (natural log, i.e. ~fractional flux error) over
+    pixels, plus that of the scalars: PCA components weigh by what they carry.
+
+    With d the error of the standardised coefficients, the spectrum's error is
+    (d * scale) @ basis * sd per pixel; its mean square over L pixels is the quadratic form
+    d G d / L with G = diag(scale) basis diag(sd^2) basis^T diag(scale), (K, K), computed once,
+    so a training step costs O(K^2) rather than O(K L) per spectrum."""
     k = emu.card.n_components
-    d = (pred - target) * emu.out_scale
-    dlog = (d[:, :k] @ emu.basis) * emu.log_sd
-    loss = torch.mean(dlog**2)
-    if d.shape[1] > k:
-        loss = loss + torch.mean(d[:, k:] ** 2)
+    basis = emu.basis.double() * emu.log_sd.double()
+    scale = emu.out_scale[:k].double()
+    gram = (scale[:, None] * (basis @ basis.T) * scale[None, :] / basis.shape[1]).float()
+    scalar_scale = emu.out_scale[k:]
+
+    def loss(pred: Tensor, target: Tensor) -> Tensor:
+        d = pred - target
+        value = ((d[:, :k] @ gram) * d[:, :k]).sum(1).mean()
+        if d.shape[1] > k:
+            value = value + torch.mean((d[:, k:] * scalar_scale) ** 2)
+        return value
+
     return loss
 
 

@@ -194,6 +194,42 @@ class ForwardModel(torch.nn.Module):
             self.log_photometry = LogGridPhotometry(self.photometry, self.phot.edges_vac, self.z_range)
         self.nebular = nebular
 
+    def use_emulators(self, spec=None, phot=None) -> "ForwardModel":
+        """Emulate the older stars' light of the spectrum and/or photometry branch.
+
+        Arguments:
+            spec, phot: A :class:`sedppl.emulator.SpectrumEmulator` (or the path of one) trained
+                for that branch's rest-frame grid (see :mod:`sedppl.sps.emulated`), or None to keep
+                the branch as it is.
+
+        Returns:
+            This model (modified in place); ``emulated`` then lists the emulated branches.
+        """
+        from .emulator import SpectrumEmulator
+        from .sps.emulated import EmulatedSynthesis
+
+        for name, emu in (("spec", spec), ("phot", phot)):
+            if emu is None:
+                continue
+            branch = getattr(self, name)
+            if branch is None:
+                raise ValueError(f"an emulator was given for the {name!r} branch, which this model does not have")
+            if not isinstance(emu, SpectrumEmulator):
+                emu = SpectrumEmulator.load(emu)
+            exact = branch.stars.exact if isinstance(branch.stars, EmulatedSynthesis) else branch.stars
+            if exact.rank is not None:
+                raise ValueError("emulate the exact synthesis (ssp_rank=None), not a low-rank one")
+            branch.stars = EmulatedSynthesis(exact, emu.to(exact.dtype))
+        return self
+
+    @property
+    def emulated(self) -> list[str]:
+        """Names of the branches (``"spec"``, ``"phot"``) whose older stars' light is emulated."""
+        from .sps.emulated import EmulatedSynthesis
+
+        return [n for n in ("spec", "phot") if isinstance(getattr(self, n), _Branch)
+                and isinstance(getattr(self, n).stars, EmulatedSynthesis)]
+
     def check_redshift(self, z: Tensor) -> None:
         """Raise ``ValueError`` if a redshift lies outside the model's ``z_range``."""
         if torch.any(~torch.isfinite(z)):

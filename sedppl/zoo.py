@@ -69,6 +69,21 @@ class _ZooModel:
     forward_model: ForwardModel
     bands: list[str]
     photometry_floor: float
+    key: str = ""
+
+    def _set_sps(self, sps) -> None:
+        """``sps``: "exact", "emulated" (the shipped emulators of this zoo model, :mod:`sedppl.emulators`),
+        or {branch: emulator or path} for the forward model's ``"spec"`` / ``"phot"`` branches."""
+        if sps == "exact":
+            return
+        if sps == "emulated":
+            from .emulators import shipped_emulators
+
+            sps = shipped_emulators(self.key)
+        if not isinstance(sps, dict) or not set(sps) <= {"spec", "phot"}:
+            raise ValueError(f"sps must be 'exact', 'emulated' or a dict of emulators by branch ('spec', 'phot'), "
+                             f"got {sps!r}")
+        self.forward_model.use_emulators(**sps)
 
     def _plate_size(self, obs: Observation | None, n_galaxies: int) -> int:
         """Galaxies in the plate: ``n_galaxies`` to simulate, else those of ``obs`` (its bands checked)."""
@@ -122,18 +137,24 @@ class SpecPhotModel(_ZooModel):
             multiplies the spectrum (not the photometry). None: no aperture factor.
         n_calibration: Number of Legendre coefficients (sites ``calibration_poly``
             ~ Normal(0, 0.1)) of a multiplicative spectral calibration; 0 for none.
+        sps: ``"exact"`` synthesis, or emulated older stars' light: a dict
+            {branch: emulator or path} for the ``"spec"`` and ``"phot"`` branches
+            (:mod:`sedppl.sps.emulated`).
     """
+
+    key = "specphot"
 
     def __init__(self, wave: np.ndarray = DESI_WAVE, bands: list[str] = DESI_BANDS,
                  z_range: tuple[float, float] = (0.002, 1.1), resolving_power: float | None = 3000.0,
                  ssp_rank: int | None = None, photometry_floor: float = 0.02,
-                 fiber_fraction: tuple[float, float] | None = None, n_calibration: int = 0):
+                 fiber_fraction: tuple[float, float] | None = None, n_calibration: int = 0, sps="exact"):
         self.fiber_fraction = fiber_fraction
         self.n_calibration = int(n_calibration)
         self.bands = list(bands)
         self.forward_model = ForwardModel(wave_obs=wave, bands=self.bands, z_range=z_range,
                                           resolving_power=resolving_power, ssp_rank=ssp_rank)
         self.photometry_floor = photometry_floor
+        self._set_sps(sps)
 
     def __call__(self, obs: Observation | None = None, n_galaxies: int = 1,
                  redshift: Tensor | float | None = None, spectrum_ivar: Tensor | None = None,
@@ -174,13 +195,18 @@ class PhotometryModel(_ZooModel):
         z_range: Redshifts covered (SEDflow: 0-0.2).
         photometry_floor: Fractional systematic error.
         nebular: Include nebular emission.
+        sps: ``"exact"`` synthesis, ``"emulated"`` (the shipped emulator of the older stars'
+            light on this model's default grid, :mod:`sedppl.emulators`), or {"phot": emulator or path}.
     """
 
+    key = "phot"
+
     def __init__(self, bands: list[str] = SDSS_BANDS, z_range: tuple[float, float] = (0.01, 0.2),
-                 photometry_floor: float = 0.02, nebular: bool = True):
+                 photometry_floor: float = 0.02, nebular: bool = True, sps="exact"):
         self.bands = list(bands)
         self.forward_model = ForwardModel(bands=self.bands, z_range=z_range, nebular=nebular)
         self.photometry_floor = photometry_floor
+        self._set_sps(sps)
 
     def __call__(self, obs: Observation | None = None, n_galaxies: int = 1,
                  redshift: Tensor | float | None = None, band_ivar: Tensor | None = None):

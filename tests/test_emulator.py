@@ -135,3 +135,22 @@ def test_training_resumes(simulator, tmp_path):
         resumed = train_emulator(run, prior, card(), tmp_path / "part", schedule=((1e-3, 64), (3e-4, 128)), **kw)
     theta = prior(50, torch.Generator().manual_seed(5))
     torch.testing.assert_close(resumed(theta)[0], full(theta)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_training_loss_is_the_mean_square_log_spectrum_error():
+    """The training loss (a K x K quadratic form) equals the mean square error of the rebuilt natural-log
+    spectrum over pixels plus that of the scalars, computed directly (float32, rtol 1e-5)."""
+    from sedppl.emulator_training import _loss_function
+
+    torch.manual_seed(0)
+    card = EmulatorCard(param_names=["a", "b"], param_low=[0, 0], param_high=[1, 1], wave=list(range(300)),
+                        scalar_names=["s"], n_components=10)
+    emu = SpectrumEmulator(card)
+    q, _ = torch.linalg.qr(torch.randn(300, 10))
+    emu.basis.copy_(q.T)
+    emu.log_sd.copy_(torch.rand(300) + 0.5)
+    emu.out_scale.copy_(torch.rand(11) + 0.5)
+    pred, target = torch.randn(64, 11), torch.randn(64, 11)
+    d = (pred - target) * emu.out_scale
+    direct = torch.mean(((d[:, :10] @ emu.basis) * emu.log_sd) ** 2) + torch.mean(d[:, 10:] ** 2)
+    torch.testing.assert_close(_loss_function(emu)(pred, target), direct, rtol=1e-5, atol=0)

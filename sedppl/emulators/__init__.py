@@ -1,0 +1,30 @@
+"""Trained emulators of the older stars' light shipped with sedppl (safetensors + JSON cards).
+
+Each serves one rest-frame grid of a zoo model with its default arguments
+(see :mod:`sedppl.sps.emulated`); a zoo model built with ``sps="emulated"``
+loads them. The card records the training set, the validation accuracy per
+wavelength chunk and a checksum of the weights; ``tests/test_emulated.py``
+checks that a shipped emulator reproduces its card's figures on held-out draws.
+
+=============  ========  ============================================================
+zoo key        branch    rest-frame grid (vacuum)
+=============  ========  ============================================================
+``phot``       ``phot``  ``PhotometryModel``'s photometry grid (ugriz at 0.01 <= z <= 0.2)
+=============  ========  ============================================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: zoo key -> {branch: file stem}
+SHIPPED = {"phot": {"phot": "phot_sdss_ugriz_stars"}}
+
+
+def shipped_emulators(key: str) -> dict[str, Path]:
+    """Paths (``.safetensors``, each with its ``.json`` card) of the shipped emulators of zoo model ``key``,
+    by branch name."""
+    if key not in SHIPPED:
+        raise ValueError(f"no shipped emulator for the zoo model {key!r}; shipped: {sorted(SHIPPED)} "
+                         "(train one with `sedppl train emulator --model ...`)")
+    return {b: Path(__file__).with_name(stem + ".safetensors") for b, stem in SHIPPED[key].items()}
