@@ -54,16 +54,16 @@ def test_shipped_emulator_meets_its_card(models):
 
 def test_emulated_model_photometry_matches_exact(models):
     """The same 500 prior draws through the exact and the emulated PhotometryModel: ugriz fluxes agree to
-    0.5% in the median and 3% at the 99th percentile (the emulator's light errors, averaged over filters);
-    masses are exact in both."""
+    0.2% in the median and 1.2% at the 99th percentile (measured with the shipped emulator: 0.09% and
+    0.60%; the photometry model's own error floor is 2%); masses are exact in both."""
     exact, emulated = models
     _, _, _, tr = _histories(exact, 500, seed=7)
     with torch.no_grad():
         out_ex = poutine.replay(exact, trace=tr)(n_galaxies=500)
         out_em = poutine.replay(emulated, trace=tr)(n_galaxies=500)
     rel = (out_em.photometry / out_ex.photometry - 1).abs().numpy()
-    assert np.median(rel) < 0.005, np.median(rel)
-    assert np.percentile(rel, 99) < 0.03, np.percentile(rel, 99)
+    assert np.median(rel) < 0.002, np.median(rel)
+    assert np.percentile(rel, 99) < 0.012, np.percentile(rel, 99)
     torch.testing.assert_close(out_em.surviving_mass, out_ex.surviving_mass, rtol=1e-6, atol=0)
 
 
