@@ -11,7 +11,10 @@ never used in training (seed 123): per-pixel |df/f| of the older stars' light,
 median and 99th percentile overall and per wavelength chunk, the worst draws,
 and a figure of the percentiles against wavelength (``--figure``).
 
-    python benchmarks/emulated_sps.py [--batch 1000] [--repeats 5] [--n-accuracy 10000]
+    python benchmarks/emulated_sps.py [--model phot|specphot] [--batch 1000] [--repeats 5] [--n-accuracy 10000]
+
+``--model specphot`` times ``SpecPhotModel`` (DESI-like spectrum + g, r, z, W1, W2)
+with its spectrum's rest-frame grid emulated, and compares model spectra.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import torch
 from pyro import poutine
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import repeat_times  # noqa: E402
+from _timing import repeat_times
 
-from sedppl.zoo import PhotometryModel  # noqa: E402
+from sedppl.zoo import PhotometryModel, SpecPhotModel
 
 
 def _inputs(model, n, seed):
@@ -50,8 +53,8 @@ def _physics(model, tr, n, grad):
     def run():
         out = poutine.condition(model, data=latents)(n_galaxies=n)
         if grad:
-            g = torch.autograd.grad(out.photometry.log().sum(), [v for v in latents.values() if v.requires_grad],
-                                    allow_unused=True)
+            loss = out.photometry.log().sum() + (0 if out.spectrum is None else out.spectrum.sum())
+            g = torch.autograd.grad(loss, [v for v in latents.values() if v.requires_grad], allow_unused=True)
             return g
         return out
 
@@ -63,12 +66,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--n-accuracy", type=int, default=10_000)
-    ap.add_argument("--figure", default="docs/figures/emulator_phot_accuracy.png")
+    ap.add_argument("--figure", default=None, help="default docs/figures/emulator_MODEL_accuracy.png")
+    ap.add_argument("--model", choices=["phot", "specphot"], default="phot")
     args = ap.parse_args()
-    exact, emulated = PhotometryModel(), PhotometryModel(sps="emulated")
+    cls = PhotometryModel if args.model == "phot" else SpecPhotModel
+    branch = "phot" if args.model == "phot" else "spec"
+    figure = args.figure or f"docs/figures/emulator_{args.model}_accuracy.png"
+    exact, emulated = cls(), cls(sps="emulated")
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"# rest-frame grid: {len(exact.forward_model.phot.wave)} pixels")
+    print(f"# {cls.__name__}, emulated branch {branch!r}: {len(getattr(exact.forward_model, branch).wave)} pixels")
     print(f"{'what':38s} {'batch':>6s} {'exact ms':>10s} {'emulated ms':>12s} {'ratio':>7s}")
     for n in (1, args.batch):
         tr, mass, edges, logz = _inputs(exact, n, seed=11)
@@ -76,7 +83,7 @@ def main() -> None:
         for grad in (False, True):
             rows = []
             for model in (exact, emulated):
-                synth = model.forward_model.phot.stars
+                synth = getattr(model.forward_model, branch).stars
                 if grad:
                     def fn(synth=synth):
                         m = mass.clone().requires_grad_(True)
@@ -99,25 +106,32 @@ def main() -> None:
                         with torch.no_grad():
                             return inner()
                 rows.append(np.median(repeat_times(fn, args.repeats)) * 1e3)
-            label = "PhotometryModel physics" + (" + gradient" if grad else "")
+            label = f"{cls.__name__} physics" + (" + gradient" if grad else "")
             print(f"{label:38s} {n:6d} {rows[0]:10.2f} {rows[1]:12.2f} {rows[0] / rows[1]:7.2f}")
     tr, *_ = _inputs(exact, args.batch, seed=12)
     with torch.no_grad():
-        f_ex = poutine.replay(exact, trace=tr)(n_galaxies=args.batch).photometry
-        f_em = poutine.replay(emulated, trace=tr)(n_galaxies=args.batch).photometry
-    dmag = (2.5 * torch.log10(f_em / f_ex)).abs().numpy()
-    print(f"ugriz |delta mag|, emulated vs exact, {args.batch} prior draws: median {np.median(dmag):.2e}, "
-          f"99th percentile {np.percentile(dmag, 99):.2e}, max {dmag.max():.2e} "
-          f"(per band medians: {', '.join(f'{v:.1e}' for v in np.median(dmag, 0))})")
-    accuracy(emulated, args.n_accuracy, args.figure)
+        out_ex = poutine.replay(exact, trace=tr)(n_galaxies=args.batch)
+        out_em = poutine.replay(emulated, trace=tr)(n_galaxies=args.batch)
+    if branch == "phot":
+        dmag = (2.5 * torch.log10(out_em.photometry / out_ex.photometry)).abs().numpy()
+        print(f"band |delta mag|, emulated vs exact, {args.batch} prior draws: median {np.median(dmag):.2e}, "
+              f"99th percentile {np.percentile(dmag, 99):.2e}, max {dmag.max():.2e} "
+              f"(per band medians: {', '.join(f'{v:.1e}' for v in np.median(dmag, 0))})")
+    else:
+        # pixels attenuated to ~0 (tau up to 3 on a blue rest frame) hold float32 rounding of either sign
+        ok = out_ex.spectrum > 1e-3 * out_ex.spectrum.abs().median(-1, keepdim=True).values
+        rel = (out_em.spectrum[ok] / out_ex.spectrum[ok] - 1).abs().numpy()
+        print(f"model spectrum |df/f|, emulated vs exact, {args.batch} prior draws, observed pixels: median "
+              f"{np.median(rel):.2e}, 99th percentile {np.percentile(rel, 99):.2e}, max {rel.max():.2e}")
+    accuracy(emulated, branch, args.n_accuracy, figure)
 
 
-def accuracy(model, n: int, figure: str) -> None:
+def accuracy(model, branch: str, n: int, figure: str) -> None:
     """Per-pixel errors of the emulated older stars' light on ``n`` held-out prior draws."""
     from sedppl.emulator_training import accuracy_summary
     from sedppl.sps.emulated import _model_bins, exact_simulator, prior_histories
 
-    synth = model.forward_model.phot.stars
+    synth = getattr(model.forward_model, branch).stars
     n_bins = _model_bins(model)
     theta = prior_histories(model, n_bins)(n, torch.Generator().manual_seed(123))
     sim = exact_simulator(synth.exact, n_bins)
@@ -151,7 +165,8 @@ def accuracy(model, n: int, figure: str) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("rest-frame wavelength [A, vacuum]")
         ax.set_ylabel("|emulated / exact - 1| [%]")
-        ax.set_title(f"emulated older stars' light, {n} held-out prior draws (PhotometryModel grid)", fontsize=9)
+        ax.set_title(f"emulated older stars' light, {n} held-out prior draws ({type(model).__name__}, "
+                     f"{branch} grid)", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(figure, dpi=120)

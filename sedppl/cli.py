@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", choices=["phot", "specphot"], default="phot", help="zoo model (default phot)")
     f.add_argument("--posterior", default=None, help="a trained posterior (.safetensors); default: the shipped one")
     f.add_argument("--sps", choices=["exact", "emulated"], default="exact",
-                   help="stellar synthesis of the model: exact (default) or the shipped emulator (phot only)")
+                   help="stellar synthesis of the model: exact (default) or the shipped emulator of the model's "
+                        "grid (phot: photometry; specphot: the spectrum, photometry exact)")
     f.add_argument("--out", default="fit", help="output folder (default fit); a rerun resumes")
     f.add_argument("--draws", type=int, default=1000,
                    help="posterior draws per galaxy (npe) or per chain (hmc, nuts) (default 1000)")

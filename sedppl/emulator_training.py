@@ -31,6 +31,8 @@ from .emulator import EmulatorCard, SpectrumEmulator, fractional_errors
 Simulator = Callable[[Tensor], tuple[Tensor, Tensor]]
 Prior = Callable[[int, torch.Generator], Tensor]
 
+#: Largest training matrix (spectra x pixels) whose PCA is an exact SVD; larger ones use a randomized SVD.
+EXACT_SVD_MAX = 100_000_000
 DEFAULT_SCHEDULE = ((1e-3, 256), (3e-4, 1024), (1e-4, 2048), (3e-5, 4096))
 
 
@@ -58,8 +60,16 @@ def fit_pca(emu: SpectrumEmulator, theta: Tensor, log_flux: Tensor, scalars: Ten
     emu.log_mean.copy_(log_flux.mean(0))
     emu.log_sd.copy_(log_flux.std(0).clamp(min=1e-8))
     z = (log_flux - emu.log_mean) / emu.log_sd
-    _, _, vh = torch.linalg.svd(z.double(), full_matrices=False)
-    emu.basis.copy_(vh[:k].float())
+    if z.numel() <= EXACT_SVD_MAX:
+        _, _, vh = torch.linalg.svd(z.double(), full_matrices=False)
+        basis = vh[:k]
+    else:  # large sets (e.g. 50,000 spectra x 11,700 pixels): randomized SVD, Halko et al. 2011
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        _, _, v = torch.svd_lowrank(z, q=k + 32, niter=6)
+        torch.random.set_rng_state(gen_state)
+        basis = v[:, :k].T
+    emu.basis.copy_(basis.float())
     out = torch.cat([z @ emu.basis.T, scalars], dim=1)
     emu.out_shift.copy_(out.mean(0))
     emu.out_scale.copy_(out.std(0).clamp(min=1e-8))

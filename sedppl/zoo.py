@@ -137,9 +137,10 @@ class SpecPhotModel(_ZooModel):
             multiplies the spectrum (not the photometry). None: no aperture factor.
         n_calibration: Number of Legendre coefficients (sites ``calibration_poly``
             ~ Normal(0, 0.1)) of a multiplicative spectral calibration; 0 for none.
-        sps: ``"exact"`` synthesis, or emulated older stars' light: a dict
-            {branch: emulator or path} for the ``"spec"`` and ``"phot"`` branches
-            (:mod:`sedppl.sps.emulated`).
+        sps: ``"exact"`` synthesis, ``"emulated"`` (the shipped emulator of the older stars'
+            light on the spectrum's default rest-frame grid; photometry stays exact:
+            :mod:`sedppl.emulators`), or {branch: emulator or path} for the ``"spec"`` and
+            ``"phot"`` branches (:mod:`sedppl.sps.emulated`).
     """
 
     key = "specphot"

@@ -9,7 +9,11 @@ checks that a shipped emulator reproduces its card's figures on held-out draws.
 =============  ========  ============================================================
 zoo key        branch    rest-frame grid (vacuum)
 =============  ========  ============================================================
-``phot``       ``phot``  ``PhotometryModel``'s photometry grid (ugriz at 0.01 <= z <= 0.2)
+``phot``       ``phot``  ``PhotometryModel``'s photometry grid (ugriz at 0.01 <= z <= 0.2):
+                         rest 2425-11143 A, 1,526 pixels at dlnlam = 1e-3
+``specphot``   ``spec``  ``SpecPhotModel``'s spectrum grid (DESI 3600-9824 A at 0.002 <= z
+                         <= 1.1): rest 1711-9826 A, 11,655 pixels at dlnlam = 1.5e-4
+                         (its photometry grid, g to W2, stays exact)
 =============  ========  ============================================================
 """
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 #: zoo key -> {branch: file stem}
-SHIPPED = {"phot": {"phot": "phot_sdss_ugriz_stars"}}
+SHIPPED = {"phot": {"phot": "phot_sdss_ugriz_stars"}, "specphot": {"spec": "specphot_desi_spec_stars"}}
 
 
 def shipped_emulators(key: str) -> dict[str, Path]:

@@ -31,8 +31,8 @@ References:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -169,7 +169,7 @@ def exact_simulator(exact: StellarSynthesis, n_bins: int) -> Callable[[Tensor], 
 def prior_histories(model, n_bins: int) -> Callable[[int, torch.Generator], Tensor]:
     """Emulator training draws from a model's own prior: the histories its Pyro program records
     (deterministic sites ``sfh_sfr``, ``sfh_edges``, ``zh_log_z``), as theta (n, 2N+1)."""
-    import pyro.poutine as poutine
+    from pyro import poutine
 
     from ..derived import derived_only
 
@@ -234,7 +234,7 @@ def train_branch_emulator(model, branch: str, out: str | Path, n_train: int = 50
 
 
 def _model_bins(model) -> int:
-    import pyro.poutine as poutine
+    from pyro import poutine
 
     from ..derived import derived_only
 
