@@ -89,6 +89,63 @@ def thin_to_independent(draws: np.ndarray, ess: float) -> np.ndarray:
     return draws[:, ::step]
 
 
+def sbc_rank_fractions(truth: np.ndarray, draws: np.ndarray, ess: np.ndarray | None = None,
+                       seed: int = 0) -> np.ndarray:
+    """Randomised rank fraction of each truth among its own thinned MCMC draws (SBC for MCMC).
+
+    Each simulation's chains are thinned by its own effective sample size (every
+    ``ceil(C * S / ess)``-th draw of each chain), so a poorly mixing simulation keeps fewer
+    but roughly independent draws instead of forcing every simulation down to the worst
+    one's count. With r of the m kept draws below the truth, the fraction is
+    ``(r + v) / (m + 1)`` with v ~ U(0, 1): exactly uniform on (0, 1) when the truth and the
+    kept draws are exchangeable, whatever m is, so simulations with different m pool.
+
+    Arguments:
+        truth: (N,) true values, one per simulation.
+        draws: (N, C, S) posterior draws: C chains of S draws per simulation.
+        ess: (N,) effective sample sizes (e.g. ArviZ's bulk ESS); None keeps every draw.
+        seed: Seed of the randomisation v.
+
+    Returns:
+        (N,) fractions in (0, 1); test them with :func:`uniformity_pvalue`.
+
+    References:
+        Talts et al. 2018, arXiv:1804.06788, sec. 5 (thinning autocorrelated draws).
+    """
+    truth, draws = np.asarray(truth, float), np.asarray(draws, float)
+    if draws.ndim != 3 or truth.shape != draws.shape[:1]:
+        raise ValueError(f"need truth (N,) and draws (N, chains, draws); got {truth.shape} and {draws.shape}")
+    n, c, s = draws.shape
+    ess = np.full(n, float(c * s)) if ess is None else np.asarray(ess, float)
+    if ess.shape != (n,) or not np.all(np.isfinite(ess)):
+        raise ValueError(f"need one finite ESS per simulation, shape ({n},); got {ess.shape}")
+    rng = np.random.default_rng(seed)
+    out = np.empty(n)
+    for i in range(n):
+        step = max(1, int(np.ceil(c * s / max(ess[i], 1.0))))
+        kept = draws[i, :, ::step].ravel()
+        out[i] = ((kept < truth[i]).sum() + rng.uniform()) / (kept.size + 1)
+    return out
+
+
+def uniformity_pvalue(u: np.ndarray, n_bins: int | None = None) -> float:
+    """Chi-square test that values in (0, 1) are uniform, with equal bins.
+
+    Arguments:
+        u: (N,) values, e.g. :func:`sbc_rank_fractions`.
+        n_bins: Default N / 5, between 2 and 20 (at least 5 expected counts per bin).
+
+    Returns:
+        p-value with n_bins - 1 degrees of freedom.
+    """
+    u = np.asarray(u, float)
+    if u.ndim != 1 or np.any((u <= 0) | (u >= 1)):
+        raise ValueError("need a 1-d array of values strictly inside (0, 1)")
+    n_bins = int(np.clip(len(u) // 5, 2, 20)) if n_bins is None else n_bins
+    counts = np.bincount(np.minimum((u * n_bins).astype(int), n_bins - 1), minlength=n_bins)
+    return float(stats.chisquare(counts).pvalue)
+
+
 def expected_coverage(logq_truth: np.ndarray, logq_draws: np.ndarray,
                       levels: np.ndarray | list[float] = np.linspace(0.05, 0.95, 19)) -> np.ndarray:
     """Joint coverage of highest-density regions of a posterior with a density.

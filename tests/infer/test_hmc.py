@@ -219,3 +219,34 @@ def test_float64_potential_is_smooth(small_model):
           "float64", errors[torch.float64])
     assert errors[torch.float64] < 1e-5
     assert errors[torch.float32] > 100 * errors[torch.float64]  # the test tells the two apart
+
+
+def test_hmc_passes_simulation_based_calibration(grid):
+    """SBC of the whole chain (prior, physics, noise model with its floor, Jacobians, batched HMC) on a
+    small model: 100 delayed-tau galaxies drawn from the prior (log M formed 9.5-11.5, A_V 0-2 mag,
+    z 0.05-0.2; r-band S/N ~1-90, noise independent of the truth), 2 chains x (150 + 200) each. For
+    log mass and A_V the rank fractions of the truths among their own ESS-thinned draws are uniform
+    (chi-square, 20 bins, p > 1e-3), the central 68% and 95% intervals hold the truth within 3 binomial
+    sd of nominal, and under 1% of transitions diverge. The same draws against truths moved by half a
+    posterior sd fail the uniformity test (p < 1e-3): the test has the power to catch a bias that size."""
+    import arviz as az
+
+    from sedppl.diagnostics import central_interval_coverage, coverage_tolerance, sbc_rank_fractions, uniformity_pvalue
+    from tests.models import DelayedTau, sbc_simulations
+
+    n = 100
+    model = DelayedTau(grid, log_mass_range=(9.5, 11.5))
+    obs, truth = sbc_simulations(model, n, seed=12)
+    with pytest.warns(UserWarning):  # some galaxies' R-hat > 1.01 with 2 x 200 draws; thinning handles it
+        idata = run_hmc(model, obs=obs, num_samples=200, warmup_steps=150, num_chains=2, seed=5, map_restarts=1,
+                        map_steps=50, max_steps=12, progress=False)
+    assert float(idata.sample_stats["diverging"].mean()) < 0.01
+    for name in ("log_mass", "av"):
+        draws = idata.posterior[name].values.transpose(2, 0, 1)  # (galaxy, chain, draw)
+        ess = az.ess(idata, var_names=[name])[name].values
+        t = truth[name].numpy()
+        assert uniformity_pvalue(sbc_rank_fractions(t, draws, ess)) > 1e-3, name
+        for level, cov in zip((0.68, 0.95), central_interval_coverage(t, draws.reshape(n, -1), (0.68, 0.95))):
+            assert abs(cov - level) < coverage_tolerance(level, n), (name, level, cov)
+        moved = t + 0.5 * draws.reshape(n, -1).std(1)
+        assert uniformity_pvalue(sbc_rank_fractions(moved, draws, ess)) < 1e-3, name
