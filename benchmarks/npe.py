@@ -4,8 +4,11 @@ Shipped photometry-only posterior (``PhotometryModel``, SDSS ugriz, z given).
 Galaxies: mocks from the model's prior at z = 0.1, S/N 30 per band. Reported:
 
 * NPE, 1,000 draws for 1 galaxy and for a batch of 100 (per galaxy), the flow
-  alone and with the derived quantities (stellar mass, SFRs, ages: one forward
-  simulation per draw); medians of 5 repeats after a warm-up call;
+  alone without and with its log densities (``log_q``), and with the derived
+  quantities (stellar mass, SFRs, ages: one forward simulation per draw);
+  medians of 5 repeats after a warm-up call;
+* the flow alone again with zuko's own spline transform (the baseline of
+  :mod:`sedppl.infer.splines`);
 * NUTS (``run_nuts``: MAP start, Laplace-preconditioned dense mass, TorchScript)
   on the first galaxy, one chain of ``--nuts-warmup`` + ``--nuts-draws``; its wall
   time and bulk ESS, and the ratio of NUTS wall time to NPE's for 1,000 draws.
@@ -16,6 +19,7 @@ Galaxies: mocks from the model's prior at z = 0.1, S/N 30 per band. Reported:
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import time
 import warnings
@@ -23,6 +27,7 @@ import warnings
 import arviz as az
 import numpy as np
 import torch
+import zuko
 
 from _timing import repeat_times
 
@@ -52,11 +57,25 @@ def main() -> None:
     one = galaxy(mock, 0)
     rows = []
     for label, obs, n in (("1 galaxy", one.obs, 1), ("batch of 100", mock.obs, 100)):
+        t = timed(lambda: post.sample(obs, 1000, derived=False, seed=0, log_q=False), repeats=5 if n == 1 else 3)
+        print(f"NPE {label:13s} 1000 draws, derived no , no log_q: {t / n * 1e3:8.1f} ms per galaxy")
         for derived in (False, True):
             t = timed(lambda: post.sample(obs, 1000, derived=derived, seed=0), repeats=5 if n == 1 else 3)
             rows.append((label, derived, t / n))
             print(f"NPE {label:13s} 1000 draws, derived {'yes' if derived else 'no ':3s}: "
                   f"{t / n * 1e3:8.1f} ms per galaxy")
+    # baseline in the same run: the same flow with zuko's own spline transform
+    fast = [m.univariate for m in post.flow.modules() if hasattr(m, "univariate")]
+    for m in post.flow.modules():
+        if hasattr(m, "univariate"):
+            m.univariate = functools.partial(zuko.transforms.MonotonicRQSTransform, **m.univariate.keywords)
+    for label, obs, n in (("1 galaxy", one.obs, 1), ("batch of 100", mock.obs, 100)):
+        t_zuko = timed(lambda: post.sample(obs, 1000, derived=False, seed=0), repeats=5 if n == 1 else 3) / n
+        t_fast = next(r[2] for r in rows if r[0] == label and not r[1])
+        print(f"NPE {label:13s} 1000 draws, derived no , zuko's spline (baseline): {t_zuko * 1e3:8.1f} ms per "
+              f"galaxy; sedppl.infer.splines {t_zuko / t_fast:.2f}x faster")
+    for m, u in zip([m for m in post.flow.modules() if hasattr(m, "univariate")], fast):
+        m.univariate = u
     if args.no_nuts:
         return
     t = time.perf_counter()

@@ -154,6 +154,10 @@ def test_posterior_api(small_posterior, small_model):
                       band_ivar=mock.obs.band_ivar[:1].expand(3, 5))
     lp = small_posterior.log_prob({k: v[:, 0] for k, v in draws.items()}, one)
     assert torch.allclose(lp, torch.as_tensor(idata.sample_stats["log_q"].values[0, :3, 0]), atol=1e-3)
+    # without log densities: the same draws for the same seed (1e-5), and no log_q
+    quick = small_posterior.sample(mock.obs, num_samples=500, seed=0, log_q=False, derived=False)
+    np.testing.assert_allclose(quick.posterior["log_mass"].values, post["log_mass"].values, atol=1e-5)
+    assert "sample_stats" not in quick.groups()
 
 
 def test_save_load_and_errors(small_posterior, small_model, tmp_path):
