@@ -11,6 +11,14 @@ outside, a minimum slope) with the explicit softmax and, when the knots already
 have the shape of the input, direct gathers. Results equal zuko's to float32
 rounding; state dicts are unchanged (the spline has no parameters).
 
+Drawing with log densities (``rsample_and_log_prob``) also paid one network pass
+per transform more than needed: zuko inverts an autoregressive transform in
+``passes`` network passes and then evaluates the network once more for the
+log-determinant at the result, but the last pass's parameters already are the
+ones at the result (every group's parameters depend only on earlier groups, which
+the last pass no longer changes). :class:`ReusingAutoregressiveTransform` keeps
+them.
+
 References:
     Durkan et al. 2019, "Neural Spline Flows", NeurIPS (arXiv:1906.04032).
     Rozet et al., zuko 1.6, ``zuko.transforms.MonotonicRQSTransform``.
@@ -25,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import LongTensor, Tensor
 from zuko.flows.autoregressive import MaskedAutoregressiveTransform
-from zuko.transforms import MonotonicRQSTransform
+from zuko.transforms import AutoregressiveTransform, MonotonicRQSTransform, Transform
 
 
 def _softmax(x: Tensor) -> Tensor:
@@ -71,8 +79,59 @@ class RationalQuadraticSpline(MonotonicRQSTransform):
         return inside, x0, x1, y0, y1, d0, d1, (y1 - y0) / (x1 - x0)
 
 
+class _AutoregressiveInverse(Transform):
+    """Inverse of an autoregressive transform whose log-determinant reuses the last inverse pass."""
+
+    bijective = True
+
+    def __init__(self, forward: AutoregressiveTransform) -> None:
+        super().__init__()
+        self._forward = forward
+        self.domain, self.codomain = forward.codomain, forward.domain
+
+    @property
+    def inv(self) -> Transform:
+        return self._forward
+
+    def _passes(self, y: Tensor) -> tuple[Tensor, Transform]:
+        x = torch.zeros_like(y)
+        for _ in range(self._forward.passes):
+            f = self._forward.meta(x)
+            x = f.inv(y)
+        return x, f
+
+    def _call(self, y: Tensor) -> Tensor:
+        return self._passes(y)[0]
+
+    def _inverse(self, x: Tensor) -> Tensor:
+        return self._forward(x)
+
+    def log_abs_det_jacobian(self, y: Tensor, x: Tensor) -> Tensor:
+        return -self._forward.log_abs_det_jacobian(x, y)
+
+    def call_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x, f = self._passes(y)
+        return x, -f.log_abs_det_jacobian(x, y)
+
+
+class ReusingAutoregressiveTransform(AutoregressiveTransform):
+    """zuko's ``AutoregressiveTransform`` whose inverse gets its log-determinant from its last pass."""
+
+    @property
+    def inv(self) -> Transform:
+        return _AutoregressiveInverse(self)
+
+
+class _MaskedAutoregressiveTransform(MaskedAutoregressiveTransform):
+    """zuko's lazy masked autoregressive transform building :class:`ReusingAutoregressiveTransform`."""
+
+    def forward(self, c: Tensor | None = None) -> Transform:
+        return ReusingAutoregressiveTransform(functools.partial(self.meta, c), self.passes)
+
+
 def use_fast_splines(flow: torch.nn.Module) -> int:
-    """Make every spline autoregressive transform of ``flow`` build :class:`RationalQuadraticSpline`.
+    """Make every spline autoregressive transform of ``flow`` build :class:`RationalQuadraticSpline`
+    and invert as :class:`ReusingAutoregressiveTransform` (parameters and state dicts unchanged).
 
     Arguments:
         flow: A zuko flow (e.g. ``zuko.flows.NSF``) or any module holding its transforms.
@@ -91,5 +150,7 @@ def use_fast_splines(flow: torch.nn.Module) -> int:
             module.univariate = functools.partial(RationalQuadraticSpline, *u.args, **u.keywords)
         else:
             continue
+        if type(module) is MaskedAutoregressiveTransform:
+            module.__class__ = _MaskedAutoregressiveTransform  # same state; only ``forward`` differs
         n += 1
     return n
