@@ -163,7 +163,6 @@ class NeuralPosterior(nn.Module):
         if card.conditional_affine:
             nsf = zuko.lazy.Flow([ConditionalAffine(self.space.dim, card.context), *nsf.transform.transforms],
                                  nsf.base)
-        use_fast_splines(nsf)
         self.flow = nsf
         d = self.space.dim
         self.register_buffer("theta_shift", torch.zeros(d))
@@ -422,4 +421,5 @@ class NeuralPosterior(nn.Module):
         post = cls(card, model)
         post.load_state_dict(load_file(str(path)))
         post.eval()
+        use_fast_splines(post.flow)
         return post

@@ -26,6 +26,7 @@ from .encoder import scale_free
 from .npe import NeuralPosterior, PosteriorCard
 from .parameters import ParameterSpace
 from .simulations import Bank, simulate_bank
+from .splines import use_fast_splines
 
 
 def noisy_inputs(bank: Bank, conditions: ObservingConditions, gen: torch.Generator,
@@ -188,6 +189,7 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
     bar.close()
     post.load_state_dict(best)
     post.eval()
+    use_fast_splines(post.flow)  # for drawing; training ran on zuko's own spline (same function)
     card.epochs, card.valid_loss = meta["epoch"], meta["best"]
     card.train_seconds = round(meta["seconds"], 1)
     card.simulation_seconds = round(t_sim, 1)

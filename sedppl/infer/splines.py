@@ -10,6 +10,10 @@ et al. 2019, in zuko 1.6's parametrisation: bins in [-bound, bound], identity
 outside, a minimum slope) with the explicit softmax and, when the knots already
 have the shape of the input, direct gathers. Results equal zuko's to float32
 rounding; state dicts are unchanged (the spline has no parameters).
+:class:`sedppl.infer.npe.NeuralPosterior` switches to it once trained or loaded
+(training itself keeps zuko's spline, so a training run gives the same weights as
+before this module: the two agree only to rounding, and a few minutes of
+training amplify rounding into visibly different posteriors).
 
 Drawing with log densities (``rsample_and_log_prob``) also paid one network pass
 per transform more than needed: zuko inverts an autoregressive transform in
@@ -38,7 +42,7 @@ from zuko.transforms import AutoregressiveTransform, MonotonicRQSTransform, Tran
 
 def _softmax(x: Tensor) -> Tensor:
     """Softmax over the last dimension, written out (faster than ``torch.softmax`` for a few bins)."""
-    e = torch.exp(x - x.amax(-1, keepdim=True))
+    e = torch.exp(x - x.amax(-1, keepdim=True).detach())  # the shift cancels: no gradient through it
     return e / e.sum(-1, keepdim=True)
 
 
@@ -119,6 +123,7 @@ class ReusingAutoregressiveTransform(AutoregressiveTransform):
 
     @property
     def inv(self) -> Transform:
+        """The inverse transform (parameters -> base draws reversed), reusing its last pass."""
         return _AutoregressiveInverse(self)
 
 

@@ -71,3 +71,13 @@ def test_use_fast_splines_keeps_the_flow(passes):
         assert torch.allclose(x, x_ref, atol=1e-4) and torch.allclose(lq, lq_ref, atol=1e-4)
         assert torch.allclose(flow(c).log_prob(x), lq, atol=1e-4)
     assert use_fast_splines(zuko.flows.MAF(3, 2)) == 0
+
+
+def test_trained_posterior_draws_with_the_fast_spline(small_posterior):
+    """train_npe (and NeuralPosterior.load) hand back a posterior whose every spline transform is the fast one."""
+    import functools
+
+    from zuko.flows.autoregressive import MaskedAutoregressiveTransform
+
+    found = [m.univariate for m in small_posterior.flow.modules() if isinstance(m, MaskedAutoregressiveTransform)]
+    assert found and all(isinstance(u, functools.partial) and u.func is RationalQuadraticSpline for u in found)
