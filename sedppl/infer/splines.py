@@ -123,7 +123,7 @@ class ReusingAutoregressiveTransform(AutoregressiveTransform):
 
     @property
     def inv(self) -> Transform:
-        """The inverse transform (parameters -> base draws reversed), reusing its last pass."""
+        """The inverse transform (base draws -> parameters), its log-determinant from its last pass."""
         return _AutoregressiveInverse(self)
 
 
