@@ -38,6 +38,7 @@ from ..derived import derived_only
 from ..noise import site_mean
 from .conditions import ObservingConditions
 from .encoder import DataEncoder, scale_free
+from .inference_data import inference_data
 from .parameters import ParameterSpace
 from .parameters import DATA_SITES
 from .simulations import bin_spectrum
@@ -304,16 +305,14 @@ class NeuralPosterior(nn.Module):
                 ``spectrum``, ``photometry``) of every draw (True) or of the first ``predictive``
                 draws (an int: one full forward simulation each); implies ``derived``.
             check: Warn when the observation lies outside the training distribution.
-            log_q: Also compute the flow's log density of every draw (44.9 against 37.3 ms a galaxy
-                for 1,000 draws in a batch of 100, benchmarks/RESULTS.md; False leaves ``log_q`` out).
+            log_q: Also compute the flow's log density of every draw (nearly free: the inverse passes
+                give it; False leaves ``log_q`` out).
 
         Returns:
             InferenceData with ``posterior`` variables of shape (chain=1, draw, galaxy, ...),
             in the model's own site names, and, with ``log_q``, the flow's log density of each draw
             (constrained space) as ``log_q`` in ``sample_stats``.
         """
-        import arviz as az
-
         if seed is not None:
             torch.manual_seed(seed)
         x = self.inputs(obs, warn=check)
@@ -351,9 +350,9 @@ class NeuralPosterior(nn.Module):
             groups["sample_stats"] = {"log_q": logq[None].numpy()}
         if pred:
             groups["posterior_predictive"] = {k: v[None].numpy() for k, v in pred.items()}
-        return az.from_dict(**groups, dims={**dims, "log_q": ["galaxy"]} if log_q else dims,
-                            coords={"galaxy": list(names)[:u.shape[1]] if len(set(names)) == u.shape[1]
-                                    else list(range(u.shape[1]))})
+        return inference_data(groups, dims={**dims, "log_q": ["galaxy"]} if log_q else dims,
+                              coords={"galaxy": list(names)[:u.shape[1]] if len(set(names)) == u.shape[1]
+                                      else list(range(u.shape[1]))})
 
     def derived(self, values: dict[str, Tensor], redshift: Tensor | None, chunk: int = 20_000,
                 predictive: bool = False) -> dict[str, Tensor]:

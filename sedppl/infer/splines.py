@@ -15,13 +15,10 @@ rounding; state dicts are unchanged (the spline has no parameters).
 before this module: the two agree only to rounding, and a few minutes of
 training amplify rounding into visibly different posteriors).
 
-Drawing with log densities (``rsample_and_log_prob``) also paid one network pass
-per transform more than needed: zuko inverts an autoregressive transform in
-``passes`` network passes and then evaluates the network once more for the
-log-determinant at the result, but the last pass's parameters already are the
-ones at the result (every group's parameters depend only on earlier groups, which
-the last pass no longer changes). :class:`ReusingAutoregressiveTransform` keeps
-them.
+Drawing also skips most of the network work of zuko's autoregressive inverse:
+:mod:`sedppl.infer.autoregressive` solves one group of features per pass and
+evaluates only what that group depends on; :func:`use_fast_splines` switches a
+flow to both.
 
 References:
     Durkan et al. 2019, "Neural Spline Flows", NeurIPS (arXiv:1906.04032).
@@ -37,17 +34,26 @@ import torch
 import torch.nn.functional as F
 from torch import LongTensor, Tensor
 from zuko.flows.autoregressive import MaskedAutoregressiveTransform
-from zuko.transforms import AutoregressiveTransform, MonotonicRQSTransform, Transform
+from zuko.transforms import MonotonicRQSTransform
+
+from .autoregressive import GroupwiseMaskedAutoregressiveTransform
 
 
-def _softmax(x: Tensor) -> Tensor:
-    """Softmax over the last dimension, written out (faster than ``torch.softmax`` for a few bins)."""
-    e = torch.exp(x - x.amax(-1, keepdim=True).detach())  # the shift cancels: no gradient through it
-    return e / e.sum(-1, keepdim=True)
+def _knots(u: Tensor, scale: float, bound: float) -> Tensor:
+    """Knot positions in [-bound, bound] from unconstrained bin sizes u (*, K) -> (*, K + 1).
+
+    zuko's softmax of u / (1 + |scale u|), cumulated; written out because the squashed sizes lie
+    within +-1/scale (3.45 for the default minimum slope), so their exponentials cannot overflow
+    and the softmax needs no shift.
+    """
+    c = torch.cumsum(torch.exp(u / (1 + scale * u.abs())), dim=-1)
+    return F.pad(c * ((2 * bound) / c[..., -1:]) - bound, (1, 0), value=-bound)
 
 
 class RationalQuadraticSpline(MonotonicRQSTransform):
     """zuko's ``MonotonicRQSTransform`` with a faster construction and bin lookup.
+
+    The knot derivatives stay unconstrained until a bin lookup gathers the two it needs.
 
     Arguments:
         widths: Unconstrained bin widths, (*, K).
@@ -60,83 +66,63 @@ class RationalQuadraticSpline(MonotonicRQSTransform):
     def __init__(self, widths: Tensor, heights: Tensor, derivatives: Tensor, bound: float = 5.0,
                  slope: float = 1e-3, **kwargs) -> None:
         super(MonotonicRQSTransform, self).__init__(**kwargs)
-        log_slope = math.log(slope)
-        widths = widths / (1 + abs(2 * widths / log_slope))
-        heights = heights / (1 + abs(2 * heights / log_slope))
-        derivatives = derivatives / (1 + abs(derivatives / log_slope))
-        widths = F.pad(_softmax(widths), (1, 0), value=0)
-        heights = F.pad(_softmax(heights), (1, 0), value=0)
-        self.horizontal = bound * (2 * torch.cumsum(widths, dim=-1) - 1)
-        self.vertical = bound * (2 * torch.cumsum(heights, dim=-1) - 1)
-        self.derivatives = torch.exp(F.pad(derivatives, (1, 1), value=0))
+        scale = 1 / abs(math.log(slope))
+        self.horizontal = _knots(widths, 2 * scale, bound)
+        self.vertical = _knots(heights, 2 * scale, bound)
+        self._scale = scale
+        self._raw_derivatives = F.pad(derivatives, (1, 1), value=0)  # squashed only where gathered
+
+    def _log_derivatives(self, raw: Tensor) -> Tensor:
+        return raw / (1 + self._scale * raw.abs())
+
+    @property
+    def derivatives(self) -> Tensor:
+        """Knot derivatives, (*, K + 1) (the outer two are 1)."""
+        return torch.exp(self._log_derivatives(self._raw_derivatives))
 
     def bin(self, k: LongTensor) -> tuple[Tensor, ...]:
         """Knots of bin ``k`` of every element: (inside, x0, x1, y0, y1, d0, d1, slope)."""
-        if self.horizontal.shape[:-1] != k.shape:  # knots shared across a batch: zuko's broadcasting path
-            return super().bin(k)
+        knots = (self.horizontal, self.vertical, self._raw_derivatives)
+        if self.horizontal.shape[:-1] != k.shape:  # knots shared across a batch: expanded views, no copies
+            shape = torch.broadcast_shapes(self.horizontal.shape[:-1], k.shape)
+            if shape != k.shape:
+                return super().bin(k)
+            knots = tuple(t.expand(*shape, t.shape[-1]) for t in knots)
+        hs, vs, lds = knots
         inside = (0 <= k) & (k < self.bins)
-        k0 = (k % self.bins)[..., None]
-        k1 = k0 + 1
-        x0, x1 = self.horizontal.gather(-1, k0)[..., 0], self.horizontal.gather(-1, k1)[..., 0]
-        y0, y1 = self.vertical.gather(-1, k0)[..., 0], self.vertical.gather(-1, k1)[..., 0]
-        d0, d1 = self.derivatives.gather(-1, k0)[..., 0], self.derivatives.gather(-1, k1)[..., 0]
+        k0 = k.clamp(0, self.bins - 1)[..., None]
+        k01 = torch.cat((k0, k0 + 1), dim=-1)
+        x0, x1 = hs.gather(-1, k01).unbind(-1)
+        y0, y1 = vs.gather(-1, k01).unbind(-1)
+        d0, d1 = self._log_derivatives(lds.gather(-1, k01)).exp().unbind(-1)
         return inside, x0, x1, y0, y1, d0, d1, (y1 - y0) / (x1 - x0)
 
+    def inverse_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """x = f^-1(y) and the forward log|df/dx| at x, from one bin lookup.
 
-class _AutoregressiveInverse(Transform):
-    """Inverse of an autoregressive transform whose log-determinant reuses the last inverse pass."""
+        Arguments:
+            y: Values, (*); the knots broadcast against them.
 
-    bijective = True
-
-    def __init__(self, forward: AutoregressiveTransform) -> None:
-        super().__init__()
-        self._forward = forward
-        self.domain, self.codomain = forward.codomain, forward.domain
-
-    @property
-    def inv(self) -> Transform:
-        return self._forward
-
-    def _passes(self, y: Tensor) -> tuple[Tensor, Transform]:
-        x = torch.zeros_like(y)
-        for _ in range(self._forward.passes):
-            f = self._forward.meta(x)
-            x = f.inv(y)
-        return x, f
-
-    def _call(self, y: Tensor) -> Tensor:
-        return self._passes(y)[0]
-
-    def _inverse(self, x: Tensor) -> Tensor:
-        return self._forward(x)
-
-    def log_abs_det_jacobian(self, y: Tensor, x: Tensor) -> Tensor:
-        return -self._forward.log_abs_det_jacobian(x, y)
-
-    def call_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        x, f = self._passes(y)
-        return x, -f.log_abs_det_jacobian(x, y)
-
-
-class ReusingAutoregressiveTransform(AutoregressiveTransform):
-    """zuko's ``AutoregressiveTransform`` whose inverse gets its log-determinant from its last pass."""
-
-    @property
-    def inv(self) -> Transform:
-        """The inverse transform (base draws -> parameters), its log-determinant from its last pass."""
-        return _AutoregressiveInverse(self)
-
-
-class _MaskedAutoregressiveTransform(MaskedAutoregressiveTransform):
-    """zuko's lazy masked autoregressive transform building :class:`ReusingAutoregressiveTransform`."""
-
-    def forward(self, c: Tensor | None = None) -> Transform:
-        return ReusingAutoregressiveTransform(functools.partial(self.meta, c), self.passes)
+        Returns:
+            x and log|df/dx|, both (*) (0 outside the spline box, where f is the identity).
+        """
+        k = self.searchsorted(self.vertical, y) - 1
+        inside, x0, x1, y0, y1, d0, d1, s = self.bin(k)
+        dy = inside * (y - y0)
+        curve = d0 + d1 - 2 * s
+        a = (y1 - y0) * (s - d0) + dy * curve
+        b = (y1 - y0) * d0 - dy * curve
+        c = -s * dy
+        z = 2 * c / (-b - (b**2 - 4 * a * c).sqrt())
+        zz = z * (1 - z)
+        jacobian = s**2 * (2 * s * zz + d0 * (1 - z) ** 2 + d1 * z**2) / (s + curve * zz) ** 2
+        return torch.where(inside, x0 + z * (x1 - x0), y), inside * jacobian.log()
 
 
 def use_fast_splines(flow: torch.nn.Module) -> int:
     """Make every spline autoregressive transform of ``flow`` build :class:`RationalQuadraticSpline`
-    and invert as :class:`ReusingAutoregressiveTransform` (parameters and state dicts unchanged).
+    and invert group by group (:class:`sedppl.infer.autoregressive.GroupwiseAutoregressiveTransform`;
+    parameters and state dicts unchanged).
 
     Arguments:
         flow: A zuko flow (e.g. ``zuko.flows.NSF``) or any module holding its transforms.
@@ -156,6 +142,6 @@ def use_fast_splines(flow: torch.nn.Module) -> int:
         else:
             continue
         if type(module) is MaskedAutoregressiveTransform:
-            module.__class__ = _MaskedAutoregressiveTransform  # same state; only ``forward`` differs
+            module.__class__ = GroupwiseMaskedAutoregressiveTransform  # same state; only ``forward`` differs
         n += 1
     return n

@@ -192,3 +192,4 @@ def test_out_of_distribution_warning(small_posterior, small_model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         small_posterior.sample(mock.obs, 10, derived=False)  # an ordinary galaxy: no warning
+
