@@ -193,23 +193,39 @@ def _train(args: argparse.Namespace) -> int:
         # bright nearby galaxies (S/N up to 100 per pixel)
         conditions = ObservingConditions(snr_spectrum=(0.5, 100.0), masked_fraction=0.15, edge_fraction=0.1,
                                          no_photometry_probability=0.15, photometry_floor=model.photometry_floor)
-    post = train_npe(model, args.out, n_sims=args.n_sims, n_valid=max(100, args.n_sims // 20), model_name=name,
-                     conditions=conditions, seed=args.seed, max_epochs=args.max_epochs, patience=args.patience,
-                     n_sims_log_z=args.n_sims_log_z, distance_inputs=args.model == "specphot",
-                     init_from=args.init_from, progress=True)
-    print(f"[sedppl] trained in {time.time() - t0:.0f} s: {post.card.epochs} epochs, "
-          f"validation loss {post.card.valid_loss:.3f}")
+    kw = dict(n_sims=args.n_sims, n_valid=max(100, args.n_sims // 20), model_name=name, conditions=conditions,
+              max_epochs=args.max_epochs, patience=args.patience, n_sims_log_z=args.n_sims_log_z,
+              distance_inputs=args.model == "specphot", progress=True)
+    if args.ensemble > 1:
+        from .infer.ensemble import train_npe_ensemble
+
+        if args.init_from:
+            raise ValueError("--init-from starts one posterior from another; it does not combine with --ensemble")
+        post = train_npe_ensemble(model, args.out, members=args.ensemble, seed=args.seed, **kw)
+        print(f"[sedppl] trained an ensemble of {args.ensemble} in {time.time() - t0:.0f} s: epochs "
+              f"{[m.card.epochs for m in post.members]}, validation losses "
+              f"{[round(m.card.valid_loss, 3) for m in post.members]}")
+    else:
+        post = train_npe(model, args.out, seed=args.seed, init_from=args.init_from, **kw)
+        print(f"[sedppl] trained in {time.time() - t0:.0f} s: {post.card.epochs} epochs, "
+              f"validation loss {post.card.valid_loss:.3f}")
     if args.n_calibration:
         t1 = time.time()
-        post.card.calibration = calibrate(post, n_sims=args.n_calibration, progress=True)
-        post.card.calibration["seconds"] = round(time.time() - t1, 1)
+        cal = calibrate(post, n_sims=args.n_calibration, progress=True)
+        cal["seconds"] = round(time.time() - t1, 1)
+        if args.ensemble > 1:
+            post.calibration = cal
+        else:
+            post.card.calibration = cal
         post.save(args.out)
-        cal = post.card.calibration
         print(f"[sedppl] calibration on {cal['n_sims']} held-out simulations: largest coverage error "
               f"{cal['max_coverage_error']:.3f} (HPD and TARP, levels 0.05-0.95); smallest SBC p-value "
               f"{cal['min_sbc_pvalue']:.3g}")
-    print(f"[sedppl] wrote {Path(args.out).with_suffix('.safetensors')} and its card "
-          f"{Path(args.out).with_suffix('.json')}")
+    if args.ensemble > 1:
+        print(f"[sedppl] wrote the ensemble index {Path(args.out).with_suffix('.json')} and its members")
+    else:
+        print(f"[sedppl] wrote {Path(args.out).with_suffix('.safetensors')} and its card "
+              f"{Path(args.out).with_suffix('.json')}")
     return 0
 
 
@@ -231,7 +247,7 @@ def _fit(args: argparse.Namespace) -> int:
     import torch
 
     from .fitting import fit_catalog, fit_hmc, fit_nuts
-    from .infer.npe import NeuralPosterior
+    from .infer.ensemble import load_posterior
     from .posteriors import load_shipped
 
     chunk = args.chunk if args.chunk is not None else 20 if args.method == "hmc" else 500
@@ -246,7 +262,7 @@ def _fit(args: argparse.Namespace) -> int:
         if args.method == "nuts":
             table = fit_nuts(obs, model, args.out, max_tree_depth=args.max_tree_depth, **common)
         else:  # starts from the amortized posterior's best draws; spectra in double precision
-            post = NeuralPosterior.load(args.posterior, model) if args.posterior else load_shipped(args.model, model)
+            post = load_posterior(args.posterior, model) if args.posterior else load_shipped(args.model, model)
             dtype = torch.float64 if obs.has_spectrum else torch.float32
             table = fit_hmc(obs, model, args.out, chunk=chunk, posterior=post, neutra=False, dtype=dtype,
                             max_steps=args.max_steps, **common)
@@ -261,7 +277,7 @@ def _fit(args: argparse.Namespace) -> int:
                   "ess_bulk_min, divergences): run longer chains", file=sys.stderr)
             return 4
         return 0
-    post = NeuralPosterior.load(args.posterior, model) if args.posterior else load_shipped(args.model, model)
+    post = load_posterior(args.posterior, model) if args.posterior else load_shipped(args.model, model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*outside the posterior's training distribution.*")
         table = fit_catalog(obs, post, args.out, chunk=chunk, num_samples=args.draws, seed=args.seed,
@@ -283,7 +299,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     from .diagnostics import compare_posteriors
     from .fitting import n_galaxies, subset
-    from .infer.npe import NeuralPosterior
+    from .infer.ensemble import load_posterior
     from .infer.nuts import check_convergence, run_nuts
     from .plotting import plot_compare
     from .posteriors import load_shipped
@@ -293,7 +309,7 @@ def _compare(args: argparse.Namespace) -> int:
     if not 0 <= args.galaxy < n_galaxies(obs):
         raise ValueError(f"--galaxy {args.galaxy} is not in the file's {n_galaxies(obs)} galaxies")
     one = subset(obs, slice(args.galaxy, args.galaxy + 1))
-    post = NeuralPosterior.load(args.posterior, model) if args.posterior else load_shipped(args.model, model)
+    post = load_posterior(args.posterior, model) if args.posterior else load_shipped(args.model, model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -359,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=15, help="epochs without improvement before stopping")
     t.add_argument("--n-sims-log-z", type=int, default=0,
                    help="further simulations with redshifts uniform in log z (denser at low z; default 0)")
+    t.add_argument("--ensemble", type=int, default=1,
+                   help="train this many posteriors independently (own simulations and seeds) and save them "
+                        "as an equal-weight mixture: wider where the members disagree (default 1: one posterior)")
     t.add_argument("--init-from", default=None,
                    help="start from the weights of a trained posterior of the same model (.safetensors)")
     t.add_argument("--n-calibration", type=int, default=1000,

@@ -47,6 +47,9 @@ class FlowCoordinates:
     """
 
     def __init__(self, posterior: NeuralPosterior, obs: Observation, dtype: torch.dtype = torch.float32):
+        if not hasattr(posterior, "flow"):
+            raise ValueError("NeuTra coordinates need one posterior's flow (a bijection); an ensemble is a "
+                             "mixture: pass one of its members (ensemble.members[0])")
         self.posterior = posterior
         self.dtype = dtype
         self.space = posterior.space

@@ -9,19 +9,24 @@ central intervals equal those of the constrained parameters).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from ..diagnostics import (central_interval_coverage, expected_coverage, rank_uniformity_pvalue, sbc_ranks,
                            tarp_coverage)
 from .npe import NeuralPosterior
+
+if TYPE_CHECKING:
+    from .ensemble import PosteriorEnsemble
 from .npe_training import _rows, noisy_inputs
 from .simulations import simulate_bank
 
 LEVELS = np.round(np.linspace(0.05, 0.95, 19), 2)
 
 
-def calibrate(post: NeuralPosterior, n_sims: int = 1000, n_draws: int = 200, seed: int = 987_654,
+def calibrate(post: NeuralPosterior | PosteriorEnsemble, n_sims: int = 1000, n_draws: int = 200, seed: int = 987_654,
               batch: int = 250, progress: bool = False) -> dict:
     """Calibration figures of ``post`` on ``n_sims`` fresh simulations.
 
@@ -41,11 +46,10 @@ def calibrate(post: NeuralPosterior, n_sims: int = 1000, n_draws: int = 200, see
     with torch.no_grad():
         for i in range(0, len(bank), batch):
             rows = _rows(x, slice(i, i + batch))
-            q = post.flow(post.context(rows))
-            z, lq = q.rsample_and_log_prob((n_draws,))
-            draws.append((post.theta_shift + post.theta_scale * z).transpose(0, 1))
+            u, lq = post.draw(rows, n_draws, step=batch)
+            draws.append(u.transpose(0, 1))
             lq_draws.append(lq.T)
-            lq_truth.append(q.log_prob((truth[i:i + batch] - post.theta_shift) / post.theta_scale))
+            lq_truth.append(post.log_prob_unconstrained(truth[i:i + batch], rows))
     draws, lq_draws, lq_truth = torch.cat(draws).numpy(), torch.cat(lq_draws).numpy(), torch.cat(lq_truth).numpy()
     truth = truth.numpy()
     hpd = expected_coverage(lq_truth, lq_draws, LEVELS)
