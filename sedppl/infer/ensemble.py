@@ -121,22 +121,13 @@ class PosteriorEnsemble(nn.Module):
         lq = torch.stack([m.log_prob_unconstrained(u, x) for m in self.members])
         return torch.logsumexp(lq, 0) - math.log(len(self.members))
 
-    def log_prob(self, values: dict[str, Tensor], obs: Observation) -> Tensor:
-        """log q(theta | obs) in the model's constrained parameters, (N,) for values {site: (N, *event)}."""
-        x = self.inputs(obs, warn=False)
-        u = self.space.to_unconstrained(values)
-        _, logdet = self.space.to_constrained(u)
-        return self.log_prob_unconstrained(u, x) - logdet
+    def package(self, *args, **kwargs):
+        """InferenceData of mixture draws (as :meth:`sedppl.infer.npe.NeuralPosterior.package`)."""
+        return self.members[0].package(*args, **kwargs)
 
-    def sample(self, obs: Observation, num_samples: int = 1000, derived: bool = True, seed: int | None = None,
-               chunk: int = 20_000, predictive: bool | int = False, check: bool = True, log_q: bool = True):
-        """Mixture draws as ArviZ ``InferenceData``; arguments and result as
-        :meth:`sedppl.infer.npe.NeuralPosterior.sample` (``log_q``: the mixture's log density)."""
-        if seed is not None:
-            torch.manual_seed(seed)
-        x = self.inputs(obs, warn=check)
-        u, lq = self.draw(x, num_samples, log_q)
-        return self.members[0].package(obs, x, u, lq, derived=derived, predictive=predictive, chunk=chunk)
+    # the same code as a single posterior's, on the mixture's draw / log_prob_unconstrained / package
+    log_prob = NeuralPosterior.log_prob
+    sample = NeuralPosterior.sample
 
     # ----------------------------------------------------------------- files
     def save(self, path: str | Path) -> Path:
