@@ -118,8 +118,16 @@ class PosteriorEnsemble(nn.Module):
 
     def log_prob_unconstrained(self, u: Tensor, x: dict[str, Tensor | None]) -> Tensor:
         """log q(u | x) = log mean_k q_k(u | x) for unconstrained u (*, N, D) -> (*, N)."""
-        lq = torch.stack([m.log_prob_unconstrained(u, x) for m in self.members])
-        return torch.logsumexp(lq, 0) - math.log(len(self.members))
+        def mixture(u, x):
+            lq = torch.stack([m.log_prob_unconstrained(u, x) for m in self.members])
+            return torch.logsumexp(lq, 0) - math.log(len(self.members))
+
+        if u.dim() < 3:
+            return mixture(u, x)
+        step = max(1, 10_000 // math.prod(u.shape[:-2]))  # ~10^4 draws per flow call, as when drawing
+        return torch.cat([mixture(u[..., i:i + step, :], {k: None if v is None else v[i:i + step]
+                                                          for k, v in x.items()})
+                          for i in range(0, u.shape[-2], step)], -1)
 
     def package(self, *args, **kwargs):
         """InferenceData of mixture draws (as :meth:`sedppl.infer.npe.NeuralPosterior.package`)."""
