@@ -1,0 +1,137 @@
+"""The amortized posterior against the exact posterior of the same galaxies, by importance sampling.
+
+MCMC on the zoo models has not converged within hours (benchmarks/RESULTS.md), so
+this script builds the reference another way: for each of ``--mocks`` ugriz mocks
+(S/N 30 per band, z = 0.1) it draws ``--draws`` parameters from a defensive
+version of the shipped posterior itself (the flow with a base that is half
+N(0, 1), half N(0, 1.5^2): the same bijection, wider tails) and weights them by
+p(theta, x) / q(theta | x), the model's exact log joint (prior and likelihood,
+exact synthesis) over the proposal density. The weighted draws are the exact
+posterior up to Monte Carlo error, which the weights' effective sample size
+states (a reference counts only with ESS >= ``--min-ess``). The amortized
+posterior is represented by the draws that came from its own base (exactly q),
+so both sides share draws (paired; less noise).
+
+Reported per mock and parameter (log stellar mass, log SFR over 100 Myr,
+tau_bc, tau_ism, dust index): the shift of the amortized mean in reference
+standard deviations and the ratio of widths, against the issue's goals
+(|shift| < 0.3, width ratio 0.8-1.25).
+
+    python benchmarks/npe_vs_importance.py [--mocks 20] [--draws 20000] [--seed 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+import warnings
+
+import numpy as np
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+
+from sedppl.mocks import galaxy, make_mocks
+from sedppl.posteriors import load_shipped
+
+PARAMS = ["log_stellar_mass", "log_sfr_100myr", "tau_bc", "tau_ism", "dust_index"]
+WIDE = 1.5  # standard deviation of the defensive half of the base
+
+
+def log_joint(model, values: dict, obs, chunk: int = 5000) -> torch.Tensor:
+    """log p(theta, x) of S draws {site: (S, ...)} of one galaxy's latent sites, (S,) float64."""
+    s = next(iter(values.values())).shape[0]
+    out = []
+    for i in range(0, s, chunk):
+        part = {k: v[i:i + chunk] for k, v in values.items()}
+        n = next(iter(part.values())).shape[0]
+        with torch.no_grad():
+            tr = poutine.trace(poutine.condition(model, data=part)).get_trace(obs=obs.tile(n))
+        tr.compute_log_prob()
+        out.append(sum(site["log_prob"].reshape(-1, n).sum(0).double() for site in tr.nodes.values()
+                       if site["type"] == "sample" and not site_is_subsample(site)
+                       and not site["infer"].get("_deterministic", False)))
+    return torch.cat(out)
+
+
+def defensive_draws(post, x, n: int, generator: torch.Generator):
+    """n draws u (n, D) of one galaxy from the flow with the half-wide base, their log density under
+    the mixture proposal and under the flow itself (both in u), and which came from the flow's own base."""
+    d = post.space.dim
+    own = torch.arange(n) < n // 2
+    z = torch.randn(n, d, generator=generator) * torch.where(own, 1.0, WIDE)[:, None]
+    with torch.no_grad():
+        flow = post.flow(post.context(x))
+        theta, ladj = flow.transform.inv.call_and_ladj(z[:, None, :])  # (n, 1, D): one galaxy's context
+    theta, ladj = theta[:, 0], ladj[:, 0]
+    log_n1 = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_nw = torch.distributions.Normal(0.0, WIDE).log_prob(z).sum(-1)
+    log_base_mix = torch.logaddexp(log_n1, log_nw) - math.log(2)
+    log_scale = torch.log(post.theta_scale).sum()
+    log_q = log_n1 - ladj - log_scale  # the flow's own density of u
+    log_proposal = log_base_mix - ladj - log_scale
+    return post.theta_shift + post.theta_scale * theta, log_proposal, log_q, own
+
+
+def weighted(f: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    m = float((w * f).sum())
+    return m, float(np.sqrt((w * (f - m) ** 2).sum()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mocks", type=int, default=20)
+    ap.add_argument("--draws", type=int, default=20_000)
+    ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--min-ess", type=float, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')} UTC")
+    post = load_shipped("phot")
+    model = post.model
+    mocks = make_mocks(model, args.mocks, seed=args.seed, redshift=0.1, snr_photometry=30)
+    gen = torch.Generator().manual_seed(args.seed)
+    shifts, widths, ess_all = [], [], []
+    t0 = time.perf_counter()
+    for i in range(args.mocks):
+        obs = galaxy(mocks, i).obs
+        x = post.inputs(obs, warn=False)
+        u, log_prop, log_q, own = defensive_draws(post, x, args.draws, gen)
+        values, logdet = post.space.to_constrained(u[:, None, :])
+        values = {k: v[:, 0] for k, v in values.items()}
+        logw = log_joint(model, values, obs) - (log_prop - logdet[:, 0]).double()
+        w = torch.softmax(logw, 0).numpy()
+        ess = 1 / (w**2).sum()
+        idata = post.package(obs, x, u[:, None, :], None, derived=True)
+        p = idata.posterior
+        row_s, row_w = [], []
+        for name in PARAMS:
+            f = (np.log10(np.maximum(p["sfr_100myr"].values[0, :, 0], 1e-30)) if name == "log_sfr_100myr"
+                 else p[name].values[0, :, 0]).astype(np.float64)
+            m_ref, s_ref = weighted(f, w)
+            m_npe, s_npe = f[own.numpy()].mean(), f[own.numpy()].std()
+            row_s.append((m_npe - m_ref) / s_ref)
+            row_w.append(s_npe / s_ref)
+        shifts.append(row_s)
+        widths.append(row_w)
+        ess_all.append(ess)
+        print(f"mock {i:2d}: IS ESS {ess:7.0f} of {args.draws}; shift " + " ".join(f"{v:+.2f}" for v in row_s)
+              + "; width ratio " + " ".join(f"{v:.2f}" for v in row_w), flush=True)
+    shifts, widths, ess_all = np.array(shifts), np.array(widths), np.array(ess_all)
+    ok = ess_all >= args.min_ess
+    print(f"{time.perf_counter() - t0:.0f} s; {ok.sum()} of {args.mocks} mocks with IS ESS >= {args.min_ess:.0f} "
+          f"(ESS median {np.median(ess_all):.0f}, min {ess_all.min():.0f})")
+    for j, name in enumerate(PARAMS):
+        s, r = shifts[ok, j], widths[ok, j]
+        good = (np.abs(s) < 0.3) & (r > 0.8) & (r < 1.25)
+        print(f"  {name:17s} |shift| median {np.median(np.abs(s)):.2f}, max {np.abs(s).max():.2f}; width ratio "
+              f"median {np.median(r):.2f} ({r.min():.2f}-{r.max():.2f}); both goals met for {good.sum()} of {ok.sum()}")
+
+
+if __name__ == "__main__":
+    main()
