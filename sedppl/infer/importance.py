@@ -103,7 +103,7 @@ def defensive_draws(post, x: dict[str, Tensor | None], num_samples: int, defensi
 
 def importance_sample(post, obs: Observation, num_samples: int = 20_000, num_draws: int = 1000,
                       defensive: float = 0.5, wide: float = 1.5, seed: int | None = None, derived: bool = True,
-                      warn: bool = True):
+                      predictive: bool | int = False, warn: bool = True):
     """Exact-posterior draws of each galaxy by importance sampling an amortized posterior.
 
     Arguments:
@@ -114,6 +114,8 @@ def importance_sample(post, obs: Observation, num_samples: int = 20_000, num_dra
         defensive, wide: The defensive proposal (:func:`defensive_draws`).
         seed: Random seed.
         derived: Also compute the derived quantities (stellar mass, SFRs, ages) of the draws.
+        predictive: Also the noise-free model data of every draw (True) or of the first
+            ``predictive`` draws (as :meth:`NeuralPosterior.sample`).
         warn: Warn for galaxies whose estimate is unreliable (k-hat > 0.7 or ESS < 100).
 
     Returns:
@@ -125,6 +127,9 @@ def importance_sample(post, obs: Observation, num_samples: int = 20_000, num_dra
 
     from .inference_data import inference_data
 
+    if not hasattr(post, "flow"):
+        raise ValueError("importance sampling uses one posterior's flow as its proposal; an ensemble is a "
+                         "mixture: pass one of its members (ensemble.members[0])")
     if not 0 <= defensive < 1 or wide < 1:
         raise ValueError(f"need 0 <= defensive < 1 and wide >= 1, got defensive={defensive}, wide={wide}")
     if seed is not None:
@@ -141,7 +146,7 @@ def importance_sample(post, obs: Observation, num_samples: int = 20_000, num_dra
     k_hat = np.atleast_1d(np.asarray(k_hat, float))
     idx = torch.multinomial(torch.as_tensor(w), num_draws, replacement=True).T  # (num_draws, N)
     picked = torch.gather(u, 0, idx[..., None].expand(-1, -1, u.shape[-1]))
-    idata = post.package(obs, x, picked, None, derived=derived)
+    idata = post.package(obs, x, picked, None, derived=derived, predictive=predictive)
     per_draw = (lambda a: np.broadcast_to(a, (1, num_draws, len(a))).copy())  # noqa: E731
     stats = inference_data({"sample_stats": {"importance_ess": per_draw(ess), "pareto_k": per_draw(k_hat)}},
                            {"importance_ess": ["galaxy"], "pareto_k": ["galaxy"]},

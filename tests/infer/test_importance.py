@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from sedppl.infer.ensemble import PosteriorEnsemble
 from sedppl.infer.importance import importance_sample, log_joint
 from sedppl.mocks import make_mocks
 
@@ -54,7 +55,7 @@ def test_importance_sampling_recovers_the_grid_posterior(small_posterior, small_
 def test_unreliable_weights_warn_and_bad_settings_fail(small_posterior, small_model):
     """A proposal shifted far from the posterior (the flow's affine layer moved by 4 standardised units),
     without the defensive part, gives Pareto k-hat > 0.7 and a warning that says so; a defensive
-    fraction of 1 or a narrower 'wide' base is an error."""
+    fraction of 1, a narrower 'wide' base and an ensemble as the proposal are errors."""
     bad = copy.deepcopy(small_posterior)
     with torch.no_grad():
         bad.flow.transform.transforms[0].net[-1].bias[:bad.space.dim] += 4.0
@@ -68,3 +69,5 @@ def test_unreliable_weights_warn_and_bad_settings_fail(small_posterior, small_mo
         for kw in ({"defensive": 1.0}, {"wide": 0.5}):
             with pytest.raises(ValueError, match="defensive"):
                 importance_sample(small_posterior, mock.obs, num_samples=100, **kw)
+        with pytest.raises(ValueError, match="ensemble is a mixture"):
+            importance_sample(PosteriorEnsemble([small_posterior, bad]), mock.obs, num_samples=100)
