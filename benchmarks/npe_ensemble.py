@@ -14,12 +14,11 @@ members themselves. Also reports the draw time of 1,000 draws for a batch of 100
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-import warnings
 
 import numpy as np
-import torch
+
+from _timing import start
 
 from sedppl.infer.ensemble import PosteriorEnsemble
 from sedppl.infer.npe_calibration import calibrate
@@ -47,10 +46,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/npe_ensemble")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')} UTC")
+    start(args.threads)
     model = PhotometryModel()
     members = []
     for k in range(args.members):

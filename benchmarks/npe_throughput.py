@@ -17,15 +17,15 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import platform
 import resource
 import time
-import warnings
 
 import numpy as np
 import torch
 import zuko
 from zuko.flows.autoregressive import MaskedAutoregressiveTransform
+
+from _timing import start
 
 from sedppl.data import Observation
 from sedppl.mocks import make_mocks
@@ -59,10 +59,7 @@ def main() -> None:
     ap.add_argument("--baseline", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')} UTC")
+    start(args.threads)
     post = load_shipped("phot")
     t = time.perf_counter()
     z = torch.empty(args.galaxies).uniform_(0.01, 0.2, generator=torch.Generator().manual_seed(0))
