@@ -141,7 +141,9 @@ def use_fast_splines(flow: torch.nn.Module) -> int:
             module.univariate = functools.partial(RationalQuadraticSpline, *u.args, **u.keywords)
         else:
             continue
-        if type(module) is MaskedAutoregressiveTransform:
-            module.__class__ = GroupwiseMaskedAutoregressiveTransform  # same state; only ``forward`` differs
+        if type(module) is MaskedAutoregressiveTransform and module.order is not None:
+            # same state; only ``forward`` differs (a transform built from a custom adjacency has no
+            # feature order to solve by and keeps zuko's inverse)
+            module.__class__ = GroupwiseMaskedAutoregressiveTransform
         n += 1
     return n
