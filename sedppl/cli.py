@@ -5,6 +5,8 @@
                                                  mock observations from a zoo model's prior
     sedppl train posterior --model {phot,specphot} [--n-sims N] [--max-epochs E] [--out FILE]
                                                  train (or resume) an amortized posterior, then calibrate it
+    sedppl train vae --spectra FILE [--n-latent K] [--no-residual] [--max-epochs E] [--out FILE]
+                                                 train (or resume) a VAE whose decoder is the SED model
     sedppl fit INPUT [--method npe|hmc|nuts] [--model phot|specphot] [--posterior FILE] [--out DIR]
                                                  posteriors for every galaxy of a mock file, SDSS/DESI
                                                  spectrum file, or catalog
@@ -180,6 +182,8 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.what == "emulator":
         return _train_emulator(args)
+    if args.what == "vae":
+        return _train_vae(args)
     if args.n_sims < 100 or args.n_calibration < 10:
         raise ValueError("--n-sims must be >= 100 and --n-calibration >= 10")
     model = _zoo_model(args.model)
@@ -226,6 +230,34 @@ def _train(args: argparse.Namespace) -> int:
     else:
         print(f"[sedppl] wrote {Path(args.out).with_suffix('.safetensors')} and its card "
               f"{Path(args.out).with_suffix('.json')}")
+    return 0
+
+
+def _train_vae(args: argparse.Namespace) -> int:
+    from .infer.vae_training import train_vae
+    from .inputs import read_input
+    from .zoo import SpecPhotModel
+
+    if args.model != "specphot":
+        raise ValueError("the VAE encodes spectra: use --model specphot")
+    if not args.spectra:
+        raise ValueError("train vae needs --spectra FILE (spectra with redshifts, e.g. from `sedppl simulate`)")
+    model = SpecPhotModel()
+    obs, _ = read_input(args.spectra, model)
+    if not obs.has_spectrum or obs.redshift is None:
+        raise ValueError(f"{args.spectra}: the VAE needs spectra with known redshifts")
+    grid = model.forward_model.wave_obs.numpy()
+    if obs.wave.shape[0] != len(grid) or not np.allclose(obs.wave.numpy(), grid, atol=1e-3):
+        model = SpecPhotModel(wave=obs.wave.numpy(), bands=obs.bands or model.bands)
+    out = args.out if args.out != "posterior.safetensors" else "vae.safetensors"
+    t0 = time.time()
+    vae = train_vae(model, obs, out, model_name="SpecPhotModel", residual=not args.no_residual,
+                    n_latent=args.n_latent, max_epochs=args.max_epochs, patience=args.patience,
+                    sleep_sims=args.n_sims if args.n_sims != 100_000 else 10_000, seed=args.seed)
+    c = vae.card
+    print(f"[sedppl] trained in {time.time() - t0:.0f} s: {c['epochs']} epochs, validation -ELBO "
+          f"{c['valid_loss_per_galaxy']:.1f} per galaxy")
+    print(f"[sedppl] wrote {Path(out).with_suffix('.safetensors')} and its card {Path(out).with_suffix('.json')}")
     return 0
 
 
@@ -368,12 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_simulate)
     t = sub.add_parser("train", help="train an amortized posterior or an SPS emulator for a zoo model "
                                      "(resumes if interrupted)")
-    t.add_argument("what", choices=["posterior", "emulator"],
+    t.add_argument("what", choices=["posterior", "emulator", "vae"],
                    help="posterior: amortized NPE posterior; emulator: the older stars' light of one rest-frame "
-                        "grid, from the exact synthesis (sedppl.sps.emulated)")
+                        "grid, from the exact synthesis (sedppl.sps.emulated); vae: a variational autoencoder "
+                        "of --spectra whose decoder is the specphot model plus a learned rest-frame "
+                        "correction (sedppl.infer.vae)")
     t.add_argument("--model", choices=["phot", "specphot"], default="phot",
                    help="phot: SDSS ugriz (SEDflow-like); specphot: DESI-like spectrum + grzW1W2")
-    t.add_argument("--n-sims", type=int, default=100_000, help="prior-predictive simulations (default 100000)")
+    t.add_argument("--n-sims", type=int, default=100_000,
+                   help="prior-predictive simulations (default 100000; vae: of its encoder's sleep phase, "
+                        "default 10000)")
     t.add_argument("--max-epochs", type=int, default=200, help="epoch cap (default 200)")
     t.add_argument("--patience", type=int, default=15, help="epochs without improvement before stopping")
     t.add_argument("--n-sims-log-z", type=int, default=0,
@@ -394,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "specphot, phot for phot)")
     t.add_argument("--n-train", type=int, default=60_000, help="emulator: training draws (default 60000)")
     t.add_argument("--n-components", type=int, default=64, help="emulator: PCA components (default 64)")
+    t.add_argument("--spectra", default=None,
+                   help="vae: training spectra with redshifts (a `sedppl simulate` file, SDSS spec or DESI coadd)")
+    t.add_argument("--n-latent", type=int, default=2,
+                   help="vae: latent variables of the learned correction per galaxy (default 2)")
+    t.add_argument("--no-residual", action="store_true",
+                   help="vae: physics only (no learned correction): plain amortized variational inference")
     t.set_defaults(func=_train)
     f = sub.add_parser("fit", help="posteriors for every galaxy of a mock file, spectrum file or photometry catalog "
                                    "(resumable)")

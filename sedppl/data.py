@@ -141,6 +141,27 @@ class Observation:
                            bands=self.bands, band_flux=rep(self.band_flux, 1), band_ivar=rep(self.band_ivar, 1),
                            name=names * n)
 
+    def select(self, index) -> "Observation":
+        """The galaxies ``index`` (row numbers, a list or a 1-D tensor) of the batch, as a batch."""
+        g = self.n_galaxies
+        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        if idx.numel() and (idx.min() < -g or idx.max() >= g):
+            raise IndexError(f"galaxy index out of range for a batch of {g}")
+
+        def rows(t, event_dims):
+            if t is None:
+                return None
+            if t.ndim == event_dims:  # unbatched: one galaxy
+                t = t[None]
+            return t[idx]
+
+        names = self.name if isinstance(self.name, list) else [self.name] * g
+        z = None if self.redshift is None else self.redshift.expand(g) if self.redshift.ndim == 0 else self.redshift
+        return Observation(redshift=rows(z, 0), wave=self.wave, flux=rows(self.flux, 1), ivar=rows(self.ivar, 1),
+                           mask=rows(self.mask, 1), resolution=rows(self.resolution, 2), bands=self.bands,
+                           band_flux=rows(self.band_flux, 1), band_ivar=rows(self.band_ivar, 1),
+                           name=[names[i] for i in idx.tolist()])
+
     def check_bands(self, model_bands: list[str]) -> None:
         """Raise ``ValueError`` if the observation's bands differ from a model's."""
         if self.has_photometry and list(self.bands) != list(model_bands):

@@ -18,6 +18,7 @@ here knows about Pyro: the probabilistic models call :meth:`ForwardModel.forward
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,7 +252,7 @@ class ForwardModel(torch.nn.Module):
                 log_u: Tensor | float = -2.5, logz_gas: Tensor | None = None,
                 sigma_v: Tensor | None = None, resolution_matrix: Tensor | None = None,
                 calibration_scale: Tensor | float | None = None, calibration_poly: Tensor | None = None,
-                check: bool = True) -> ModelOutput:
+                rest_factor: Callable[[Tensor], Tensor] | None = None, check: bool = True) -> ModelOutput:
         """Model spectra and photometry.
 
         Arguments:
@@ -274,6 +275,11 @@ class ForwardModel(torch.nn.Module):
                 for several arms.
             calibration_scale: Aperture factor multiplying the spectrum, (...,).
             calibration_poly: Legendre coefficients of a multiplicative polynomial, (..., K).
+            rest_factor: A multiplicative correction to the rest-frame SED (stars, nebular
+                continuum and the lines deposited in it) before redshifting: a function of the
+                rest-frame wavelengths (L,) (vacuum Angstrom) returning (..., L)
+                factors; applied to the spectrum's and the photometry's branches alike
+                (:mod:`sedppl.residual`). ``ModelOutput.lines`` is not corrected.
 
         Returns:
             A :class:`ModelOutput`.
@@ -307,6 +313,8 @@ class ForwardModel(torch.nn.Module):
             else:
                 a_dl = a_bl = None
             sed, pop, lines = branch(mass, edges, logz, max_age, a_diff, a_bc, a_dl, a_bl, gas, log_u)
+            if rest_factor is not None:
+                sed = sed * rest_factor(branch.wave.to(dtype))
             # f_lambda = L / (4 pi d_L^2 (1+z)) at lambda_obs = (1+z) lambda_rest
             scale = (LSUN_ERG_S / (4 * np.pi * MPC_CM**2)) / d_l**2  # erg/s/cm^2 per Lsun, (...,)
             if branch is self.spec:

@@ -4,7 +4,10 @@ Each model is a callable Pyro program ``model(obs=None, n_galaxies=1)``: with no
 observation it simulates ``n_galaxies`` galaxies from the prior in one
 vectorized call (a plate over galaxies); with an :class:`sedppl.data.Observation`
 it conditions on it (one galaxy or a batch). Derived quantities are recorded
-as ``pyro.deterministic`` sites, so every engine returns them by name.
+as ``pyro.deterministic`` sites, so every engine returns them by name. The optional
+``residual`` argument is called inside the galaxy plate (it may sample sites) and returns
+a multiplicative correction of the rest-frame SED, a function of rest-frame wavelength
+(``ForwardModel(..., rest_factor=...)``; :mod:`sedppl.infer.vae` learns one).
 
 * :class:`SpecPhotModel` -- a DESI-like spectrum with g, r, z, W1, W2 photometry,
   in the spirit of PROVABGS (Hahn et al. 2023) but with the continuity SFH
@@ -159,7 +162,7 @@ class SpecPhotModel(_ZooModel):
 
     def __call__(self, obs: Observation | None = None, n_galaxies: int = 1,
                  redshift: Tensor | float | None = None, spectrum_ivar: Tensor | None = None,
-                 band_ivar: Tensor | None = None):
+                 band_ivar: Tensor | None = None, residual=None):
         fm = self.forward_model
         n = self._plate_size(obs, n_galaxies)
         with pyro.plate("galaxies", n):
@@ -175,7 +178,8 @@ class SpecPhotModel(_ZooModel):
                 poly = pyro.sample("calibration_poly", dist.Normal(0.0, 0.1).expand([self.n_calibration]).to_event(1))
             out = fm(mass, edges, logz, z, av=av, dust_index=index, av_bc=av_bc, log_u=log_u,
                      sigma_v=sigma_v, resolution_matrix=None if obs is None else obs.resolution,
-                     calibration_scale=scale, calibration_poly=poly, check=False)
+                     calibration_scale=scale, calibration_poly=poly,
+                     rest_factor=None if residual is None else residual(), check=False)
             record_derived(out, mass, edges, logz)
             if is_derived_only():  # no light was simulated (sedppl.derived)
                 return out
@@ -210,12 +214,13 @@ class PhotometryModel(_ZooModel):
         self._set_sps(sps)
 
     def __call__(self, obs: Observation | None = None, n_galaxies: int = 1,
-                 redshift: Tensor | float | None = None, band_ivar: Tensor | None = None):
+                 redshift: Tensor | float | None = None, band_ivar: Tensor | None = None, residual=None):
         fm = self.forward_model
         n = self._plate_size(obs, n_galaxies)
         with pyro.plate("galaxies", n):
             z, mass, edges, logz, av, av_bc, index = self._stellar_latents(obs, redshift, n)
-            out = fm(mass, edges, logz, z, av=av, dust_index=index, av_bc=av_bc, check=False)
+            out = fm(mass, edges, logz, z, av=av, dust_index=index, av_bc=av_bc,
+                     rest_factor=None if residual is None else residual(), check=False)
             record_derived(out, mass, edges, logz)
             if not is_derived_only():
                 self._observe_photometry(out, obs, band_ivar)
