@@ -165,6 +165,12 @@ class AmortizedGuide(nn.Module):
                 ld = -logdet if i == 0 else torch.zeros_like(logdet)
                 pyro.sample(s.name, dist.Delta(values[s.name], log_density=ld, event_dim=len(s.event_shape)))
 
+    def log_prob_unconstrained(self, u: Tensor, obs: Observation) -> Tensor:
+        """log q(u | x) (S, N) of unconstrained values u (S, N, D) of the galaxies of ``obs``, no gradients."""
+        with torch.no_grad():
+            q, _ = self.distribution(obs)
+            return q.log_prob((u - self.theta_shift) / self.theta_scale) - torch.log(self.theta_scale).sum()
+
     def sample_unconstrained(self, obs: Observation, num_samples: int) -> Tensor:
         """Draws u (S, N, D) of the latent sites in unconstrained coordinates, no gradients."""
         with torch.no_grad():
