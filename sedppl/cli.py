@@ -250,10 +250,13 @@ def _train_vae(args: argparse.Namespace) -> int:
     if obs.wave.shape[0] != len(grid) or not np.allclose(obs.wave.numpy(), grid, atol=1e-3):
         model = SpecPhotModel(wave=obs.wave.numpy(), bands=obs.bands or model.bands)
     out = args.out if args.out != "posterior.safetensors" else "vae.safetensors"
+    sims = args.n_sims if args.n_sims != 100_000 else 10_000  # the NPE default is not the VAE's
+    if sims < 10:
+        raise ValueError("--n-sims must be >= 10")
     t0 = time.time()
     vae = train_vae(model, obs, out, model_name="SpecPhotModel", residual=not args.no_residual,
                     n_latent=args.n_latent, max_epochs=args.max_epochs, patience=args.patience,
-                    sleep_sims=args.n_sims if args.n_sims != 100_000 else 10_000, seed=args.seed)
+                    sleep_sims=sims, final_sleep_sims=sims, seed=args.seed)
     c = vae.card
     print(f"[sedppl] trained in {time.time() - t0:.0f} s: {c['epochs']} epochs, validation -ELBO "
           f"{c['valid_loss_per_galaxy']:.1f} per galaxy")

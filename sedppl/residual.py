@@ -108,6 +108,7 @@ class RestFrameResidual(nn.Module):
         return torch.exp(log_correction.to(wave.dtype) @ self.interpolation(wave).T)
 
     def extra_repr(self) -> str:
+        """The knots' range and count, the latent size and the trend removal, for ``print(module)``."""
         lo, hi = self.wave_range
         return (f"{lo:.0f}-{hi:.0f} A, n_knots={self.n_knots}, n_latent={self.n_latent}, "
                 f"remove_trend={self.remove_trend}")

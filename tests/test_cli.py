@@ -180,3 +180,23 @@ def test_fit_with_importance_sampling(tmp_path):
     assert np.corrcoef(table["log_stellar_mass_p50"], truth["log_stellar_mass"])[0, 1] > 0.9
     r = run("fit", str(mocks), "--model", "phot", "--method", "nuts", "--importance", "500", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "--importance" in r.stderr
+
+
+def test_train_vae_through_the_entry_point(tmp_path):
+    """`sedppl train vae` (tiny budget) on mock spectra writes the VAE and a card that records its
+    training; a file without spectra is refused with exit code 2 and a message."""
+    import json
+
+    mocks = tmp_path / "m.fits"
+    assert run("simulate", "--model", "specphot", "--n", "24", "--z", "0.1", "--snr", "5", "--seed", "2",
+               "--out", str(mocks)).returncode == 0
+    r = run("train", "vae", "--model", "specphot", "--spectra", str(mocks), "--max-epochs", "1", "--n-sims", "64",
+            "--n-latent", "1", "--out", str(tmp_path / "vae"))
+    assert r.returncode == 0, r.stderr
+    card = json.loads((tmp_path / "vae.json").read_text())
+    assert card["epochs"] == 1 and card["n_train"] + card["n_valid"] == 24 and "residual_latent" in card["sites"]
+    assert (tmp_path / "vae.safetensors").exists() and not (tmp_path / "vae.ckpt").exists()
+    phot = tmp_path / "p.fits"
+    assert run("simulate", "--model", "phot", "--n", "3", "--z", "0.1", "--out", str(phot)).returncode == 0
+    r = run("train", "vae", "--model", "specphot", "--spectra", str(phot), "--out", str(tmp_path / "v2"))
+    assert r.returncode == 2 and "spectra" in r.stderr

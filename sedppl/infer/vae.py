@@ -304,6 +304,7 @@ class SpectrumVAE:
         return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Set the encoder's and the residual's weights from :meth:`state_dict`'s layout."""
         self.guide.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("guide.")})
         if self.model.residual is not None:
             self.model.residual.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("residual.")})
