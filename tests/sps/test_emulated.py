@@ -144,15 +144,10 @@ def test_engines_run_on_the_emulated_model(models):
 
 
 def _log_joint(model, values, obs):
-    """log p(theta, x) per draw, (N,) float64: the model conditioned on N draws of one galaxy's data."""
-    from pyro.poutine.util import site_is_subsample
+    """log p(theta, x) per draw, (N,) float64, at N draws of one galaxy (sedppl.infer.importance.log_joint)."""
+    from sedppl.infer.importance import log_joint
 
-    n = next(iter(values.values())).shape[0]
-    with torch.no_grad():
-        tr = poutine.trace(poutine.condition(model, data=values)).get_trace(obs=obs.tile(n))
-    tr.compute_log_prob()
-    return sum(s["log_prob"].reshape(-1, n).sum(0).double() for s in tr.nodes.values()
-               if s["type"] == "sample" and not site_is_subsample(s) and not s["infer"].get("_deterministic", False))
+    return log_joint(model, {k: v[:, None] for k, v in values.items()}, obs)[:, 0]
 
 
 def test_emulated_posterior_agrees_with_exact(models):
