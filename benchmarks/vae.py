@@ -18,11 +18,11 @@ spectrum's grid only; ``SpecPhotModel`` physics; S/N ``--snr`` per pixel; z 0.05
    joint over q; k-hat and ESS printed; only references with ESS >= 200 count), against the
    encoder's own draws: shift of the means in reference standard deviations and width ratio.
 4. *Mocks from the learned model* (``SpectrumVAE.generate``) at the training set's redshifts and
-   S/N against the training spectra: two-sample KS tests of a colour (mean flux 6000-6600 A over
+   S/N (``--snr``, as the training spectra were made) against the training spectra: two-sample KS tests of a colour (mean flux 6000-6600 A over
    4200-4800 A, observed) and of the median S/N.
 
 Timing part (``--timing``, the full DESI grid, 7,781 pixels): simulate ``--timing-n`` spectra,
-then time the encoder's sleep phase and ``--timing-epochs`` wake-sleep epochs, and the encoding
+then time the encoder's sleep phase, ``--timing-epochs`` ELBO epochs and the final sleep refit, and the encoding
 of one spectrum and of a batch of 100 (1,000 draws each, with derived quantities).
 
     python benchmarks/vae.py [--train 1000] [--test 100] [--snr 5] [--epochs 40]
@@ -92,15 +92,27 @@ def science(args):
     test, test_truth = mocks(model, args.test, 99, True, args.snr)
     kw = dict(n_latent=1, n_knots=24, max_epochs=args.epochs, lr=1e-3, sleep_sims=args.sleep_sims,
               progress=False, seed=0)
-    tmp = tempfile.mkdtemp()
+    tmp = args.reuse or tempfile.mkdtemp()
+    print(f"(VAEs in {tmp})")
+
+    def trained(name, obs, **extra):
+        """Train, or load what an earlier run of this script left in --reuse."""
+        from pathlib import Path
+
+        from sedppl.infer.vae import SpectrumVAE
+
+        if Path(f"{tmp}/{name}.safetensors").exists():
+            return SpectrumVAE.load(f"{tmp}/{name}", model)
+        return train_vae(model, obs, f"{tmp}/{name}", **kw, **extra)
+
     print(f"1. injected defect: {args.train} training spectra, S/N {args.snr}, {args.test} held out")
     t0 = time.perf_counter()
-    vae = train_vae(model, train, f"{tmp}/with", **kw)
-    print(f"  with residual: trained in {time.perf_counter() - t0:.0f} s ({vae.card['epochs']} epochs; "
+    vae = trained("with", train)
+    print(f"  with residual: {time.perf_counter() - t0:.0f} s ({vae.card['epochs']} epochs; "
           f"sleep phase {vae.card['sleep']}); validation -ELBO {vae.card['valid_loss_per_galaxy']:.1f} per galaxy")
     t0 = time.perf_counter()
-    plain = train_vae(model, train, f"{tmp}/plain", residual=False, **kw)
-    print(f"  physics only: trained in {time.perf_counter() - t0:.0f} s ({plain.card['epochs']} epochs); "
+    plain = trained("plain", train, residual=False)
+    print(f"  physics only: {time.perf_counter() - t0:.0f} s ({plain.card['epochs']} epochs); "
           f"validation -ELBO {plain.card['valid_loss_per_galaxy']:.1f} per galaxy")
     res = vae.model.residual
     knots = torch.exp(res.log_knots)
@@ -118,9 +130,9 @@ def science(args):
     print(f"2. physics-only mocks ({args.train}), VAE with residual")
     clean, _ = mocks(model, args.train, 2, False, args.snr)
     t0 = time.perf_counter()
-    vae0 = train_vae(model, clean, f"{tmp}/clean", **kw)
+    vae0 = trained("clean", clean)
     curve = vae0.residual_curve(torch.linspace(3400.0, 6600.0, 400))
-    print(f"  trained in {time.perf_counter() - t0:.0f} s; largest |ln correction| of the median curve "
+    print(f"  {time.perf_counter() - t0:.0f} s (training, or loading with --reuse); largest |ln correction| of the median curve "
           f"{torch.log(curve['p50']).abs().max():.4f}, of the 16/84th percentiles "
           f"{max(torch.log(curve['p16']).abs().max(), torch.log(curve['p84']).abs().max()):.4f}")
 
@@ -143,7 +155,7 @@ def science(args):
     good = ess >= 200
     print(f"  Pareto k-hat {np.round(k_hat, 2).tolist()}; ESS {np.round(ess).astype(int).tolist()} of "
           f"{args.is_draws}; {good.sum()} references with ESS >= 200")
-    for k in PARAMS:
+    for k in PARAMS if good.any() else []:
         d = (derived[k] if k in derived else values[k]).numpy()  # (S, N)
         ref_mean = (w.T * d).sum(0)
         ref_sd = np.sqrt((w.T * (d - ref_mean) ** 2).sum(0))
@@ -153,10 +165,17 @@ def science(args):
         print(f"    {k}: |shift| median {np.median(np.abs(shift[good])):.2f}, max {np.abs(shift[good]).max():.2f}; "
               f"width ratio median {np.median(ratio[good]):.2f} ({ratio[good].min():.2f}-{ratio[good].max():.2f}); "
               f"{ok.sum()} of {good.sum()} within |shift| < 0.3 and ratio 0.8-1.25")
+    if not good.any():
+        print("  no reference: the encoder is too poor a proposal for the exact posterior (no comparison made)")
+    best = log_w.max(-1)
+    print(f"  log p(x, theta) - log q at the best of the {args.is_draws} draws minus its median over draws: "
+          f"median {np.median(best - np.median(log_w, -1)):.1f} nats (0 for a perfect encoder)")
 
     print("4. mocks from the learned model (with residual, case 1) vs its training spectra")
+    # the training spectra were all made at S/N --snr (sigma = median model flux / snr); the learned model
+    # is asked for the same (feeding back each spectrum's *measured* S/N would add its estimation noise twice)
     snr_train = (train.flux * train.ivar.sqrt()).median(-1).values
-    gen = vae.generate(args.train, redshift=train.redshift, snr=snr_train, seed=7)
+    gen = vae.generate(args.train, redshift=train.redshift, snr=args.snr, seed=7)
     wave = torch.as_tensor(WAVE)
 
     def colour(o):
@@ -168,7 +187,7 @@ def science(args):
     c_ks, s_ks = ks_2samp(colour(train), colour(gen)), ks_2samp(snr_train.numpy(), snr_gen.numpy())
     print(f"  colour (6000-6600 vs 4200-4800 A, mag): KS statistic {c_ks.statistic:.3f}, p {c_ks.pvalue:.3g}; "
           f"median S/N: KS {s_ks.statistic:.3f}, p {s_ks.pvalue:.3g}")
-    gen0 = vae.generate(args.train, redshift=train.redshift, snr=snr_train, seed=7, physics_only=True)
+    gen0 = vae.generate(args.train, redshift=train.redshift, snr=args.snr, seed=7, physics_only=True)
     c0 = ks_2samp(colour(train), colour(gen0))
     print(f"  same draws without the learned correction: colour KS {c0.statistic:.3f}, p {c0.pvalue:.3g}")
 
@@ -185,7 +204,7 @@ def timing(args):
                     sleep_sims=args.timing_n, sleep_epochs=args.timing_sleep_epochs, progress=False)
     total = time.perf_counter() - t0
     c = vae.card
-    print(f"train_vae: {total:.0f} s in all; {c['epochs']} wake-sleep epochs {c['train_seconds']:.0f} s "
+    print(f"train_vae: {total:.0f} s in all; {c['epochs']} ELBO epochs {c['train_seconds']:.0f} s "
           f"({c['train_seconds'] / max(1, c['epochs']):.0f} s an epoch over {c['n_train']} spectra); the rest "
           f"(sleep phase: {c['sleep']}, setup) {total - c['train_seconds']:.0f} s")
     one = obs.select([0])
@@ -212,6 +231,7 @@ def main():
     p.add_argument("--snr", type=float, default=5.0)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--sleep-sims", type=int, default=5000)
+    p.add_argument("--reuse", default=None, help="a folder of VAEs from an earlier run (printed at its start)")
     p.add_argument("--timing", action="store_true")
     p.add_argument("--timing-n", type=int, default=10_000)
     p.add_argument("--timing-epochs", type=int, default=2)
