@@ -239,6 +239,8 @@ def _set_input_ranges(post: NeuralPosterior, x: dict) -> None:
         if x[key] is None:
             continue
         keep = (x[f"{key}_ivar"] > 0).any(-1)  # galaxies drawn without photometry do not count
+        if not torch.any(keep):  # e.g. no_photometry_probability = 1: trained for spectra alone
+            continue
         ch, ls = scale_free(x[key][keep], x[f"{key}_ivar"][keep])
         post.encoder.scale_shift[j] = ls.mean()
         post.encoder.scale_sd[j] = ls.std().clamp(min=1e-3)

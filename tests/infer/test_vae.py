@@ -210,3 +210,20 @@ def test_interrupted_training_resumes_where_it_stopped(base, tmp_path, monkeypat
     vae = vt.train_vae(base, obs, tmp_path / "v", **kw)
     assert vae.card["epochs"] == 4 and vae.card["history"][:2] == before
     assert not (tmp_path / "v.ckpt").exists() and (tmp_path / "v.safetensors").exists()
+
+
+def test_amortized_posterior_trains_on_the_learned_model(trained_on_defect, tmp_path):
+    """The learned decoder is a Pyro program of the zoo convention: neural posterior estimation trains on
+    it (tiny budget) and its draws include the residual's latent, inside the priors' supports."""
+    from sedppl.infer.conditions import ObservingConditions
+    from sedppl.infer.npe_training import train_npe
+
+    vae, _ = trained_on_defect
+    cond = ObservingConditions(snr_spectrum=(4.0, 6.0), no_photometry_probability=1.0)
+    post = train_npe(vae.model, tmp_path / "npe", n_sims=300, n_valid=100, conditions=cond, z_range=(0.05, 0.15),
+                     max_epochs=1, context=16, transforms=1, hidden=(16, 16), progress=False)
+    assert "residual_latent" in post.space.names
+    obs, _ = mocks(vae.model.base, 2, seed=14, snr=5.0)
+    draws = post.sample(obs, 50, derived=False, check=False).posterior
+    assert draws["residual_latent"].shape[:3] == (1, 50, 2)
+    assert ((draws["tau_ism"] >= 0) & (draws["tau_ism"] <= 3)).all()
