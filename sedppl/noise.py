@@ -84,3 +84,11 @@ def site_mean(site: dict) -> Tensor:
     while not hasattr(fn, "loc") and hasattr(fn, "base_dist"):
         fn = fn.base_dist
     return fn.loc.detach()
+
+
+def site_scale(site: dict) -> Tensor:
+    """The noise sigma of an observe site in a Pyro trace (the ``scale`` of its, possibly masked, distribution)."""
+    fn = site["fn"]
+    while not hasattr(fn, "scale") and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn.scale.detach()

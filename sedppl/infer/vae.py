@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..data import Observation
 from ..derived import derived_only
-from ..noise import site_mean
+from ..noise import site_mean, site_scale
 from ..residual import RestFrameResidual
 from .encoder import DataEncoder
 from .inference_data import inference_data
@@ -90,6 +90,15 @@ class ResidualModel:
         return self.base(obs, n_galaxies, residual=correction, **kwargs)
 
 
+def spectrum_rows(obs: Observation) -> tuple[Tensor, Tensor]:
+    """Flux and ivar of ``obs``'s spectra as (N, M) rows, masked pixels given ivar 0."""
+    m = obs.flux.shape[-1]
+    flux, ivar = obs.flux.reshape(-1, m), obs.ivar.reshape(-1, m)
+    if obs.mask is not None:
+        ivar = torch.where(obs.mask.reshape(ivar.shape), ivar, torch.zeros_like(ivar))
+    return flux, ivar
+
+
 def guide_inputs(obs: Observation, bin_factor: int, bands: list[str]) -> dict[str, Tensor | None]:
     """The encoder's inputs of an observation: binned spectrum and ivar (N, M // bin_factor)
     (1e-17 erg/s/cm^2/A), band fluxes and ivar (N, K) nanomaggies (zeros when ``bands`` is
@@ -98,10 +107,7 @@ def guide_inputs(obs: Observation, bin_factor: int, bands: list[str]) -> dict[st
         raise ValueError("the VAE encodes spectra: the observation has none")
     if obs.redshift is None:
         raise ValueError("the VAE's encoder needs the (spectroscopic) redshift; the observation has none")
-    m = obs.flux.shape[-1]
-    flux, ivar = obs.flux.reshape(-1, m), obs.ivar.reshape(-1, m)
-    if obs.mask is not None:
-        ivar = torch.where(obs.mask.reshape(ivar.shape), ivar, torch.zeros_like(ivar))
+    flux, ivar = spectrum_rows(obs)
     n = flux.shape[0]
     x: dict[str, Tensor | None] = {"photometry": None, "photometry_ivar": None}
     x["spectrum"], x["spectrum_ivar"] = bin_spectrum(flux, ivar, bin_factor)
@@ -240,10 +246,7 @@ class SpectrumVAE:
         u = self.guide.sample_unconstrained(obs, num_samples)
         values, _ = self.guide.space.to_constrained(u)
         pred = self._deterministic(values, obs, predictive=True)["spectrum"].median(0).values
-        m = obs.flux.shape[-1]
-        flux, ivar = obs.flux.reshape(-1, m), obs.ivar.reshape(-1, m)
-        if obs.mask is not None:
-            ivar = torch.where(obs.mask.reshape(ivar.shape), ivar, torch.zeros_like(ivar))
+        flux, ivar = spectrum_rows(obs)
         used = ivar > 0
         chi2 = torch.where(used, (torch.nan_to_num(flux) - pred) ** 2 * ivar, torch.zeros_like(ivar)).sum(-1)
         dof = (used.sum(-1) - self.guide.space.dim).clamp(min=1)
@@ -277,7 +280,7 @@ class SpectrumVAE:
             kw = {}
             if "photometry" in tr.nodes and self.model.bands:
                 kw = {"bands": self.model.bands, "band_flux": tr.nodes["photometry"]["value"].reshape(n, -1),
-                      "band_ivar": _site_ivar(tr.nodes["photometry"]["fn"]).reshape(n, -1)}
+                      "band_ivar": site_scale(tr.nodes["photometry"]).reshape(n, -1) ** -2}
         wave = self.model.forward_model.wave_obs.numpy()
         return Observation(redshift=z, wave=wave, flux=flux, ivar=ivar, **kw)
 
@@ -335,13 +338,6 @@ class SpectrumVAE:
         vae = build_vae(base, card)
         vae.load_state_dict(load_file(str(path)))
         return vae
-
-
-def _site_ivar(fn) -> Tensor:
-    """Inverse variance of a (possibly Independent) Normal likelihood."""
-    while not hasattr(fn, "scale") and hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return 1 / fn.scale.detach() ** 2
 
 
 def build_vae(base, card: dict) -> SpectrumVAE:

@@ -23,8 +23,9 @@ import torch
 
 from ..data import Observation
 from ..derived import derived_only
+from ..noise import site_mean, site_scale
 from .encoder import scale_free
-from .vae import SpectrumVAE, build_vae, guide_inputs
+from .vae import SpectrumVAE, build_vae, guide_inputs, spectrum_rows
 
 
 def train_vae(base, obs: Observation, out: str | Path, *, model_name: str = "", residual: bool = True,
@@ -218,10 +219,7 @@ class EncoderSimulator:
     def __init__(self, vae: SpectrumVAE, obs: Observation, seed: int, chunk: int = 1000):
         self.vae, self.wave, self.chunk = vae, obs.wave, chunk
         self.gen = torch.Generator().manual_seed(seed + 17)
-        m = obs.flux.shape[-1]
-        flux, ivar = obs.flux.reshape(-1, m), obs.ivar.reshape(-1, m)
-        if obs.mask is not None:
-            ivar = torch.where(obs.mask.reshape(ivar.shape), ivar, torch.zeros_like(ivar))
+        flux, ivar = spectrum_rows(obs)
         self.used = ivar > 0
         self.snr = torch.stack([torch.median((flux[i] * ivar[i].sqrt())[self.used[i]])
                                 for i in range(flux.shape[0])]).clamp(min=1)
@@ -229,8 +227,6 @@ class EncoderSimulator:
 
     def simulate(self, n: int) -> tuple[dict, torch.Tensor]:
         """``n`` simulations: encoder inputs {name: (n, ...)} and z = (u - shift) / scale, (n, D)."""
-        from ..noise import site_mean
-
         g, m = self.vae.guide, self.used.shape[-1]
         xs, us = [], []
         for i in range(0, n, self.chunk):
@@ -245,7 +241,7 @@ class EncoderSimulator:
             kw = {}
             if g.bands:
                 kw = {"bands": g.bands, "band_flux": tr.nodes["photometry"]["value"].reshape(k, -1),
-                      "band_ivar": 1 / _site_scale(tr.nodes["photometry"]["fn"]).reshape(k, -1) ** 2}
+                      "band_ivar": site_scale(tr.nodes["photometry"]).reshape(k, -1) ** -2}
             sim = Observation(redshift=self.z[pick], wave=self.wave, flux=flux, ivar=ivar, **kw)
             xs.append(guide_inputs(sim, g.bin_factor, g.bands))
             us.append(g.space.to_unconstrained({s.name: tr.nodes[s.name]["value"] for s in g.space.sites}))
@@ -305,12 +301,6 @@ def sleep_phase(vae: SpectrumVAE, sim: EncoderSimulator, n_sims: int, max_epochs
     g.load_state_dict(best_state)
     # the log-Jacobian of the standardisation, so the figure is a density of u
     return {"epochs": epoch, "valid_nll": best + float(torch.log(g.theta_scale).sum())}
-
-
-def _site_scale(fn) -> torch.Tensor:
-    while not hasattr(fn, "scale") and hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return fn.scale.detach()
 
 
 def validation_loss(vae: SpectrumVAE, obs: Observation, seed: int, batch_size: int) -> float:
