@@ -17,6 +17,8 @@ spectrum's grid only; ``SpecPhotModel`` physics; S/N ``--snr`` per pixel; z 0.05
    posterior by importance sampling the encoder (PSIS-smoothed weights of the model's exact log
    joint over q; k-hat and ESS printed; only references with ESS >= 200 count), against the
    encoder's own draws: shift of the means in reference standard deviations and width ratio.
+   With ``--hmc-draws``, also against batched HMC on the learned model (4 chains a galaxy;
+   R-hat printed; only galaxies at R-hat <= 1.01 count as references).
 4. *Mocks from the learned model* (``SpectrumVAE.generate``) at the training set's redshifts and
    S/N (``--snr``, as the training spectra were made) against the training spectra: two-sample KS tests of a colour (mean flux 6000-6600 A over
    4200-4800 A, observed) and of the median S/N.
@@ -25,7 +27,7 @@ Timing part (``--timing``, the full DESI grid, 7,781 pixels): simulate ``--timin
 then time the encoder's sleep phase, ``--timing-epochs`` ELBO epochs and the final sleep refit, and the encoding
 of one spectrum and of a batch of 100 (1,000 draws each, with derived quantities).
 
-    python benchmarks/vae.py [--train 1000] [--test 100] [--snr 5] [--epochs 40]
+    python benchmarks/vae.py [--train 1000] [--test 100] [--snr 5] [--epochs 40] [--hmc-draws 100]
     python benchmarks/vae.py --timing [--timing-n 10000] [--timing-epochs 2]
 """
 
@@ -42,7 +44,7 @@ from _timing import start
 from pyro import poutine
 
 from sedppl.data import Observation
-from sedppl.infer.importance import log_joint
+from sedppl.infer.importance import log_joint, psis_weights
 from sedppl.infer.vae_training import train_vae
 from sedppl.noise import site_mean
 from sedppl.zoo import SpecPhotModel
@@ -139,18 +141,13 @@ def science(args):
     print(f"3. encoder vs exact posterior (importance sampling the encoder), {args.reference} physics-only mocks")
     ref_obs, ref_truth = mocks(model, args.reference, 5, False, args.snr)
     accuracy(vae0, ref_obs, ref_truth, "encoder, physics-only mocks")
-    import arviz as az
-
     g = vae0.guide
     torch.manual_seed(6)
     u = g.sample_unconstrained(ref_obs, args.is_draws)
     values, logdet = g.space.to_constrained(u)
     log_q = g.log_prob_unconstrained(u, ref_obs) - logdet
     log_w = (log_joint(vae0.model, values, ref_obs) - log_q.double()).T.numpy()
-    smoothed, k_hat = az.psislw(np.where(np.isfinite(log_w), log_w, -np.inf))
-    w = np.exp(smoothed - smoothed.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    ess = 1 / (w**2).sum(-1)
+    w, k_hat, ess = psis_weights(log_w)
     derived = vae0._deterministic(values, ref_obs)
     good = ess >= 200
     print(f"  Pareto k-hat {np.round(k_hat, 2).tolist()}; ESS {np.round(ess).astype(int).tolist()} of "
@@ -170,6 +167,8 @@ def science(args):
     best = log_w.max(-1)
     print(f"  log p(x, theta) - log q at the best of the {args.is_draws} draws minus its median over draws: "
           f"median {np.median(best - np.median(log_w, -1)):.1f} nats (0 for a perfect encoder)")
+    if args.hmc_draws:
+        hmc_reference(vae0, ref_obs, args)
 
     print("4. mocks from the learned model (with residual, case 1) vs its training spectra")
     # the training spectra were all made at S/N --snr (sigma = median model flux / snr); the learned model
@@ -190,6 +189,34 @@ def science(args):
     gen0 = vae.generate(args.train, redshift=train.redshift, snr=args.snr, seed=7, physics_only=True)
     c0 = ks_2samp(colour(train), colour(gen0))
     print(f"  same draws without the learned correction: colour KS {c0.statistic:.3f}, p {c0.pvalue:.3g}")
+
+
+def hmc_reference(vae, obs, args):
+    """Part 3, second reference: batched HMC (4 chains a galaxy) on the learned model; only galaxies
+    whose chains agree (R-hat <= 1.01 on every compared parameter) count."""
+    import arviz as az
+
+    from sedppl.infer.hmc import run_hmc
+
+    t0 = time.perf_counter()
+    idata = run_hmc(vae.model, obs=obs, num_samples=args.hmc_draws, warmup_steps=args.hmc_warmup, num_chains=4,
+                    seed=0, progress=False)
+    ref, stats = idata.posterior, idata.sample_stats
+    rhat = np.stack([az.rhat(ref[[k]])[k].values for k in PARAMS]).max(0)
+    print(f"  batched HMC, 4 chains x ({args.hmc_warmup} + {args.hmc_draws}): {time.perf_counter() - t0:.0f} s, "
+          f"{float(stats['n_steps'].mean()):.1f} gradients a draw, {int(stats['diverging'].sum())} divergences; "
+          f"R-hat over {', '.join(PARAMS)}: median {np.median(rhat):.2f}, max {rhat.max():.2f}; "
+          f"{(rhat <= 1.01).sum()} of {len(rhat)} galaxies at R-hat <= 1.01")
+    enc = vae.encode(obs, 2000, seed=3).posterior
+    good = rhat <= 1.01
+    for k in PARAMS:
+        r = ref[k].values.reshape(-1, obs.n_galaxies)
+        e = enc[k].values[0]
+        shift, ratio = (e.mean(0) - r.mean(0)) / r.std(0), e.std(0) / r.std(0)
+        ok = (np.abs(shift) < 0.3) & (ratio > 0.8) & (ratio < 1.25)
+        print(f"    {k}: all galaxies |shift| median {np.median(np.abs(shift)):.2f}, width ratio median "
+              f"{np.median(ratio):.2f}; within |shift| < 0.3 and ratio 0.8-1.25: {ok.sum()} of {len(ok)} "
+              f"({(ok & good).sum()} of {good.sum()} converged)")
 
 
 def timing(args):
@@ -231,6 +258,8 @@ def main():
     p.add_argument("--snr", type=float, default=5.0)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--sleep-sims", type=int, default=5000)
+    p.add_argument("--hmc-warmup", type=int, default=100)
+    p.add_argument("--hmc-draws", type=int, default=0, help="> 0: also compare the encoder with batched HMC")
     p.add_argument("--reuse", default=None, help="a folder of VAEs from an earlier run (printed at its start)")
     p.add_argument("--timing", action="store_true")
     p.add_argument("--timing-n", type=int, default=10_000)

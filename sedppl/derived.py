@@ -20,6 +20,8 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from torch import Tensor
+
 _state = threading.local()
 
 
@@ -37,3 +39,27 @@ def derived_only() -> Iterator[None]:
 def is_derived_only() -> bool:
     """True inside :func:`derived_only` (in this thread)."""
     return getattr(_state, "on", False)
+
+
+def trace_quantities(trace, predictive: bool = False) -> dict[str, Tensor]:
+    """What a posterior reports from one trace of a model conditioned on its draws.
+
+    Arguments:
+        trace: A ``pyro.poutine`` trace of a sedppl model (e.g. conditioned on posterior draws).
+        predictive: Also the noise-free means of the data sites ``spectrum`` (1e-17 erg/s/cm^2/A)
+            and ``photometry`` (nanomaggies).
+
+    Returns:
+        {name: value} of its ``pyro.deterministic`` sites (the derived quantities, in the units
+        their docstrings state) and, with ``predictive``, of the data sites' means; shapes as in
+        the trace (leading batch first).
+    """
+    from .noise import site_mean
+
+    out = {}
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and site["infer"].get("_deterministic", False):
+            out[name] = site["value"]
+        elif predictive and name in ("spectrum", "photometry") and site["type"] == "sample":
+            out[name] = site_mean(site)
+    return out

@@ -4,13 +4,9 @@ import pyro
 import torch
 from pyro import poutine
 
-from sedppl.derived import derived_only, is_derived_only
+from sedppl.derived import derived_only, is_derived_only, trace_quantities
+from sedppl.noise import site_mean
 from sedppl.zoo import SpecPhotModel
-
-
-def _deterministic(trace):
-    return {k: v["value"] for k, v in trace.nodes.items()
-            if v["type"] == "sample" and v["infer"].get("_deterministic", False)}
 
 
 def test_specphot_derived_only_equals_full_model():
@@ -26,11 +22,17 @@ def test_specphot_derived_only_equals_full_model():
     assert not is_derived_only()
     # no light was simulated: no data sites
     assert "spectrum" not in light_free.nodes and "photometry" not in light_free.nodes
-    want, got = _deterministic(full), _deterministic(light_free)
+    want, got = trace_quantities(full), trace_quantities(light_free)
     assert set(got) == set(want)
     for name, value in want.items():
         # same float32 arithmetic on the same inputs: equal to rounding
         assert torch.allclose(got[name], value, rtol=1e-6, atol=1e-30), name
+    # with predictive: the same plus the noise-free data, which differ from the noisy simulated data
+    pred = trace_quantities(full, predictive=True)
+    assert set(pred) == set(want) | {"spectrum", "photometry"}
+    for name in ("spectrum", "photometry"):
+        assert torch.equal(pred[name], site_mean(full.nodes[name]))
+        assert not torch.equal(pred[name], full.nodes[name]["value"])
 
 
 def test_posterior_derived_fast_path_and_fallback(small_posterior, small_model):

@@ -101,6 +101,25 @@ def defensive_draws(post, x: dict[str, Tensor | None], num_samples: int, defensi
     return torch.cat(us, 1), torch.cat(lqs, 1)
 
 
+def psis_weights(log_w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pareto-smoothed, normalised importance weights of every galaxy's draws.
+
+    Arguments:
+        log_w: (N, S) log weights (nats) of S draws for each of N galaxies; NaN and
+            infinite values count as zero weight.
+
+    Returns:
+        (weights (N, S) summing to 1 over S, Pareto k-hat (N,), effective sample size (N,)).
+    """
+    import arviz as az
+
+    log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
+    smoothed, k_hat = az.psislw(log_w)
+    w = np.exp(smoothed - smoothed.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return w, np.atleast_1d(np.asarray(k_hat, float)), 1.0 / (w**2).sum(-1)
+
+
 def importance_sample(post, obs: Observation, num_samples: int = 20_000, num_draws: int = 1000,
                       defensive: float = 0.5, wide: float = 1.5, seed: int | None = None, derived: bool = True,
                       predictive: bool | int = False, warn: bool = True):
@@ -123,8 +142,6 @@ def importance_sample(post, obs: Observation, num_samples: int = 20_000, num_dra
         with ``sample_stats`` per galaxy (repeated over draws): ``importance_ess`` (effective
         sample size of the smoothed weights, out of ``num_samples``) and ``pareto_k`` (k-hat).
     """
-    import arviz as az
-
     from .inference_data import inference_data
 
     if not hasattr(post, "flow"):
@@ -138,12 +155,7 @@ def importance_sample(post, obs: Observation, num_samples: int = 20_000, num_dra
     u, log_prop = defensive_draws(post, x, num_samples, defensive, wide)
     values, logdet = post.space.to_constrained(u)
     log_w = (log_joint(post.model, values, obs) - (log_prop - logdet).double()).T.numpy()  # (N, S)
-    log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
-    smoothed, k_hat = az.psislw(log_w)
-    w = np.exp(smoothed - smoothed.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    ess = 1.0 / (w**2).sum(-1)
-    k_hat = np.atleast_1d(np.asarray(k_hat, float))
+    w, k_hat, ess = psis_weights(log_w)
     idx = torch.multinomial(torch.as_tensor(w), num_draws, replacement=True).T  # (num_draws, N)
     picked = torch.gather(u, 0, idx[..., None].expand(-1, -1, u.shape[-1]))
     idata = post.package(obs, x, picked, None, derived=derived, predictive=predictive)

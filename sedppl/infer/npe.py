@@ -34,8 +34,7 @@ from pyro import poutine
 from torch import Tensor, nn
 
 from ..data import Observation
-from ..derived import derived_only
-from ..noise import site_mean
+from ..derived import derived_only, trace_quantities
 from .conditions import ObservingConditions
 from .encoder import DataEncoder, scale_free
 from .inference_data import inference_data
@@ -407,11 +406,8 @@ class NeuralPosterior(nn.Module):
             kw = {} if z is None else {"redshift": z[i:i + chunk]}
             with torch.no_grad():
                 tr = poutine.trace(poutine.condition(self.model, data=part)).get_trace(n_galaxies=m, **kw)
-            for name, site in tr.nodes.items():
-                if site["type"] == "sample" and site["infer"].get("_deterministic", False):
-                    out.setdefault(name, []).append(site["value"])
-                elif predictive and name in DATA_SITES:
-                    out.setdefault(name, []).append(site_mean(site))
+            for name, v in trace_quantities(tr, predictive).items():
+                out.setdefault(name, []).append(v)
         return {k: torch.cat(v).reshape(s, n, *v[0].shape[1:]) for k, v in out.items()}
 
     # ----------------------------------------------------------------- files

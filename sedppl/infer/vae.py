@@ -42,7 +42,7 @@ from pyro import poutine
 from torch import Tensor, nn
 
 from ..data import Observation
-from ..derived import derived_only
+from ..derived import derived_only, trace_quantities
 from ..noise import site_mean, site_scale
 from ..residual import RestFrameResidual
 from .encoder import DataEncoder
@@ -229,14 +229,7 @@ class SpectrumVAE:
                 z = obs.redshift.reshape(-1).expand(n)[None].expand(s, n).reshape(-1)
                 with derived_only():
                     tr = poutine.trace(conditioned).get_trace(n_galaxies=s * n, redshift=z)
-        out = {}
-        for name, site in tr.nodes.items():
-            if site["type"] == "sample" and site["infer"].get("_deterministic", False):
-                out[name] = site["value"].reshape(s, n, *site["value"].shape[1:])
-            elif predictive and name in ("spectrum", "photometry"):
-                mean = site_mean(site)
-                out[name] = mean.reshape(s, n, *mean.shape[1:])
-        return out
+        return {k: v.reshape(s, n, *v.shape[1:]) for k, v in trace_quantities(tr, predictive).items()}
 
     def reconstruct(self, obs: Observation, num_samples: int = 16, seed: int = 0) -> dict[str, Tensor]:
         """Posterior-predictive spectrum (N, M) (1e-17 erg/s/cm^2/A: the pixel-wise median of the noise-free

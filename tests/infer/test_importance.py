@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sedppl.infer.ensemble import PosteriorEnsemble
-from sedppl.infer.importance import importance_sample, log_joint
+from sedppl.infer.importance import importance_sample, log_joint, psis_weights
 from sedppl.mocks import make_mocks
 
 
@@ -71,3 +71,24 @@ def test_unreliable_weights_warn_and_bad_settings_fail(small_posterior, small_mo
                 importance_sample(small_posterior, mock.obs, num_samples=100, **kw)
         with pytest.raises(ValueError, match="ensemble is a mixture"):
             importance_sample(PosteriorEnsemble([small_posterior, bad]), mock.obs, num_samples=100)
+
+
+def test_psis_weights_move_a_normal_proposal_to_a_shifted_target():
+    """Draws of N(0, 1.5^2) weighted towards N(0.5, 1): the weighted mean and sd match the target to
+    4 Monte Carlo errors; a good proposal has k-hat < 0.7; one row of a single finite weight has ESS 1."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.0, 1.5, (3, 4000))
+    log_w = -0.5 * (x - 0.5) ** 2 + 0.5 * (x / 1.5) ** 2
+    log_w[2] = -np.inf
+    log_w[2, 7] = 0.0
+    log_w[1, :10] = np.nan  # count as zero weight
+    w, k_hat, ess = psis_weights(log_w)
+    assert np.allclose(w.sum(-1), 1.0)
+    for row in (0, 1):
+        mean = (w[row] * x[row]).sum()
+        sd = np.sqrt((w[row] * (x[row] - mean) ** 2).sum())
+        err = 1 / np.sqrt(ess[row])
+        assert abs(mean - 0.5) < 4 * err and abs(sd - 1.0) < 4 * err
+        assert k_hat[row] < 0.7 and ess[row] > 2000
+    assert w[1, :10].sum() == 0
+    assert ess[2] == pytest.approx(1.0)
