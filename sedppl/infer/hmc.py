@@ -309,6 +309,11 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
     tiled = obs.tile(num_chains)
     if posterior is not None and neutra:
         from .neutra import FlowCoordinates
+        from .npe import NeuralPosterior
+
+        if not isinstance(posterior, NeuralPosterior):
+            raise ValueError(f"sampling in a flow's coordinates (neutra=True) needs a NeuralPosterior, not a "
+                             f"{type(posterior).__name__}; pass neutra=False to start the chains from its draws")
 
         potential = BatchedPotential(model, args, {**kwargs, "obs": tiled},
                                      coordinates=FlowCoordinates(posterior, tiled, dtype))

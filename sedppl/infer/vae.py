@@ -215,6 +215,13 @@ class SpectrumVAE:
         return inference_data({"posterior": {k: v[None].numpy() for k, v in post.items()}}, dims=dims,
                               coords={"galaxy": list(range(u.shape[1]))})
 
+    def sample(self, obs: Observation, num_samples: int = 1000, derived: bool = True, seed: int | None = None):
+        """:meth:`encode` under the amortized posteriors' name (:meth:`sedppl.infer.npe.NeuralPosterior.sample`),
+        so the engines that start from amortized draws take the encoder: e.g. batched HMC whose mode
+        search begins at the best encoder draw of each galaxy, ``run_hmc(vae.model, obs=obs,
+        posterior=vae, neutra=False)``."""
+        return self.encode(obs, num_samples, derived=derived, seed=seed)
+
     def _deterministic(self, values: dict[str, Tensor], obs: Observation, predictive: bool = False) -> dict:
         """Deterministic sites at draws {site: (S, N, ...)} -> {name: (S, N, ...)}: masses only (no light,
         :mod:`sedppl.derived`), or with ``predictive`` the full model on ``obs`` (its resolution
