@@ -121,6 +121,26 @@ def test_batched_potential_is_the_sum_of_single_ones():
         assert torch.allclose(val[i], v1[0], rtol=1e-6) and torch.allclose(grad[i], g1[0], rtol=1e-5, atol=1e-6)
 
 
+def test_a_target_whose_physics_overflows_is_rejected_alone():
+    """A proposal that makes one target's model data NaN (as a wild leapfrog step can) gives that
+    target a non-finite potential (HMC rejects it as divergent) and leaves the others' potentials
+    and gradients as they were, instead of stopping the whole batch with a validation error."""
+    def fragile(obs=None):
+        with pyro.plate("galaxies", obs.band_flux.shape[0]):
+            mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+            model = torch.where(mu > 5, torch.full_like(mu, float("nan")), mu)  # the physics gives out
+            pyro.sample("photometry", dist.Normal(model[:, None].expand(-1, 5), 1.0).to_event(1),
+                        obs=obs.band_flux)
+
+    obs, _, _ = _conjugate_data(3)
+    pot = BatchedPotential(fragile, kwargs={"obs": obs})
+    u = torch.tensor([[0.3], [6.0], [-1.0]], dtype=torch.float64)
+    val, grad = pot.value_and_grad(u)
+    assert not torch.isfinite(val[1])
+    alone, alone_grad = BatchedPotential(fragile, kwargs={"obs": obs}).value_and_grad(u[[0, 0, 2]])
+    assert torch.allclose(val[[0, 2]], alone[[0, 2]]) and torch.allclose(grad[[0, 2]], alone_grad[[0, 2]])
+
+
 def test_batched_potential_rejects_sites_outside_the_plate():
     def bad(obs=None):
         pyro.sample("global_offset", dist.Normal(0.0, 1.0))  # not in the galaxy plate
