@@ -24,6 +24,10 @@ from torch import Tensor
 
 _state = threading.local()
 
+#: Names of the observe sites of sedppl models (the data, never latent parameters): the spectrum
+#: (1e-17 erg/s/cm^2/A, observed frame) and the band fluxes (nanomaggies).
+DATA_SITES = ("spectrum", "photometry")
+
 
 @contextmanager
 def derived_only() -> Iterator[None]:
@@ -60,6 +64,6 @@ def trace_quantities(trace, predictive: bool = False) -> dict[str, Tensor]:
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and site["infer"].get("_deterministic", False):
             out[name] = site["value"]
-        elif predictive and name in ("spectrum", "photometry") and site["type"] == "sample":
+        elif predictive and name in DATA_SITES and site["type"] == "sample":
             out[name] = site_mean(site)
     return out

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .data import Observation
+from .derived import DATA_SITES
 
 #: chi2/dof of the data against the median posterior-predictive model above which a fit is flagged
 #: ``poor_fit`` (model mismatch at high S/N gives 1-3; an amortized posterior that failed, far more).
@@ -134,7 +135,7 @@ def prior_draws(model, n: int, redshift: float | None, seed: int = 0) -> dict[st
         with torch.no_grad():
             tr = poutine.trace(model).get_trace(n_galaxies=n, **kw)
     return {k: v["value"].numpy() for k, v in tr.nodes.items()
-            if v["type"] == "sample" and k not in ("spectrum", "photometry") and v["value"].dim() >= 1
+            if v["type"] == "sample" and k not in DATA_SITES and v["value"].dim() >= 1
             and v["value"].shape[0] == n}
 
 

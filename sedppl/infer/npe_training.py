@@ -23,8 +23,9 @@ import torch
 
 from .conditions import ObservingConditions
 from .encoder import scale_free
-from .npe import NeuralPosterior, PosteriorCard
+from .npe import NeuralPosterior
 from .parameters import ParameterSpace
+from .posterior_card import PosteriorCard
 from .simulations import Bank, simulate_bank
 from .splines import use_fast_splines
 

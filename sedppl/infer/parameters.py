@@ -23,10 +23,8 @@ from pyro.distributions.transforms import biject_to
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from ..derived import DATA_SITES
 from .whitening import Whitener, whitener_for
-
-#: Names of the observe sites of sedppl models (the data, never latent parameters).
-DATA_SITES = ("spectrum", "photometry")
 
 
 @dataclass
