@@ -248,7 +248,7 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
             num_chains: int = 4, seed: int = 0, posterior=None, map_restarts: int = 4, map_steps: int = 200,
             jitter: float = 1.0, trajectory_length: float = 0.5 * math.pi, target_accept: float = 0.8,
             max_steps: int = 128, dtype: torch.dtype = torch.float32, neutra: bool = True, init_draws: int = 64,
-            predictive: int = 0, progress: bool = True, **kwargs):
+            predictive: int = 0, student_t_quantiles: bool = True, progress: bool = True, **kwargs):
     """Sample the posteriors of every galaxy of ``obs``, with several chains each, in one batch.
 
     With ``posterior`` (a trained amortized posterior of this model), the chains
@@ -282,6 +282,9 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
             (:func:`sedppl.infer.potential.physics_dtype`): ``torch.float64`` for high-S/N
             spectra, whose float32 potential carries rounding errors of order 1 (docs/inference.md);
             float32 (the default) for photometry.
+        student_t_quantiles: Without a flow: sample Student-t sites (the continuity prior's
+            ``log_sfr_ratio``) in their prior-quantile coordinates (True) or as they are
+            (False); see :class:`sedppl.infer.potential.UnconstrainedCoordinates`.
         kwargs: Other keyword arguments of the model.
 
     Returns:
@@ -295,12 +298,12 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
     with physics_dtype(model, dtype):
         return _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, seed, posterior,
                         map_restarts, map_steps, jitter, trajectory_length, target_accept, max_steps, dtype,
-                        neutra, init_draws, predictive, progress)
+                        neutra, init_draws, predictive, student_t_quantiles, progress)
 
 
 def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, seed, posterior, map_restarts,
              map_steps, jitter, trajectory_length, target_accept, max_steps, dtype, neutra, init_draws, predictive,
-             progress):
+             quantiles, progress):
     from .nuts import check_convergence
 
     pyro.set_rng_seed(seed)
@@ -327,10 +330,10 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
         inverse_mass = None
     else:
         starts = None if posterior is None else _posterior_draws(model, args, kwargs, obs, posterior,
-                                                                 init_draws, seed, dtype)
+                                                                 init_draws, seed, dtype, quantiles)
         start, cov = _mode_starts(model, args, kwargs, obs, num_chains, map_restarts, map_steps, jitter, gen,
-                                  dtype, starts)
-        potential = BatchedPotential(model, args, {**kwargs, "obs": tiled}, dtype=dtype)
+                                  dtype, quantiles, starts)
+        potential = BatchedPotential(model, args, {**kwargs, "obs": tiled}, dtype=dtype, student_t_quantiles=quantiles)
         with torch.no_grad():
             ok = torch.isfinite(potential(start))
         start = torch.where(ok[:, None], start, start[:g].repeat(num_chains, 1))
@@ -343,11 +346,11 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
     return idata
 
 
-def _posterior_draws(model, args, kwargs, obs, posterior, n, seed, dtype) -> Tensor:
+def _posterior_draws(model, args, kwargs, obs, posterior, n, seed, dtype, quantiles) -> Tensor:
     """u (G, D): the highest-density of ``n`` amortized draws of every galaxy."""
     g = obs.n_galaxies
     post = posterior.sample(obs, n, derived=False, seed=seed).posterior
-    pot = BatchedPotential(model, args, {**kwargs, "obs": obs.tile(n)}, dtype=dtype)
+    pot = BatchedPotential(model, args, {**kwargs, "obs": obs.tile(n)}, dtype=dtype, student_t_quantiles=quantiles)
     values = {}
     for k in pot.names:  # (1, draw, galaxy, *event) -> (draw * galaxy, *event), galaxy fastest as in tile
         v = torch.as_tensor(post[k].values)
@@ -359,7 +362,7 @@ def _posterior_draws(model, args, kwargs, obs, posterior, n, seed, dtype) -> Ten
     return u.reshape(n, g, -1)[p.argmin(0), torch.arange(g)]
 
 
-def _mode_starts(model, args, kwargs, obs, chains, restarts, steps, jitter, gen, dtype,
+def _mode_starts(model, args, kwargs, obs, chains, restarts, steps, jitter, gen, dtype, quantiles,
                  starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Starting points (chains * G, D) near each galaxy's mode, and the Laplace covariances (G, D, D).
 
@@ -367,13 +370,15 @@ def _mode_starts(model, args, kwargs, obs, chains, restarts, steps, jitter, gen,
     g = obs.n_galaxies
     if starts is not None:
         restarts = 1
-    many = BatchedPotential(model, args, {**kwargs, "obs": obs.tile(restarts)}, dtype=dtype)
+    many = BatchedPotential(model, args, {**kwargs, "obs": obs.tile(restarts)}, dtype=dtype,
+                            student_t_quantiles=quantiles)
     u_r, pot_r = find_modes(many, many.prior_draw() if starts is None else starts, steps=steps)
     pot_r = torch.where(torch.isfinite(pot_r), pot_r, torch.full_like(pot_r, float("inf"))).reshape(restarts, g)
     if not torch.all(torch.isfinite(pot_r.min(0).values)):
         raise RuntimeError("no finite posterior density found from any start for some galaxy; check the data")
     mode = u_r.reshape(restarts, g, -1)[pot_r.argmin(0), torch.arange(g)]
-    cov = laplace_covariance(BatchedPotential(model, args, {**kwargs, "obs": obs}, dtype=dtype), mode)
+    cov = laplace_covariance(BatchedPotential(model, args, {**kwargs, "obs": obs}, dtype=dtype,
+                                              student_t_quantiles=quantiles), mode)
     chol = torch.linalg.cholesky(cov)
     kick = (chol.repeat(chains, 1, 1) @ torch.randn(chains * g, mode.shape[1], 1, generator=gen,
                                                     dtype=mode.dtype))[..., 0]

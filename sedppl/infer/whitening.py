@@ -10,7 +10,7 @@ which the plain unconstrained (logit/identity) coordinates would demand.
 Coordinates are clipped to |w| <= 5.5 (prior tail mass 4e-8), which keeps every
 value strictly inside bounded supports in float32. Computations are in float64
 with scipy. :meth:`Whitener.from_white_torch` is the same map in torch,
-differentiable and unclipped, for MCMC in the flow's coordinates
+differentiable and clipped only at |w| = 35 (finite in float64), for MCMC in the flow's coordinates
 (:mod:`sedppl.infer.neutra`).
 """
 
@@ -26,6 +26,33 @@ from scipy import special, stats
 from torch import Tensor
 
 W_MAX = 5.5
+W_TORCH_MAX = 35.0
+
+
+def t_from_normal(w: np.ndarray, df: float) -> np.ndarray:
+    """t = F_t^-1(Phi(w)), float64, both tails computed from their own side (no 1 - p cancellation).
+    For df = 2 (the continuity prior) in closed form, t = (p - q) / sqrt(2 p q) with p = Phi(w),
+    q = Phi(-w); otherwise scipy's quantile function."""
+    if df == 2.0:
+        lp, lq = special.log_ndtr(w), special.log_ndtr(-w)
+        return (np.exp(lp) - np.exp(lq)) * np.exp(-0.5 * (lp + lq)) / math.sqrt(2.0)
+    return np.where(w < 0, stats.t.ppf(special.ndtr(w), df), stats.t.isf(special.ndtr(-w), df))
+
+
+def normal_from_t(t: np.ndarray, df: float) -> np.ndarray:
+    """w = Phi^-1(F_t(t)), float64, the inverse of :func:`t_from_normal`. For df = 2 the tail beyond
+    |t| is 1 / (s (s + |t|)) with s = sqrt(t^2 + 2), exactly and without cancellation."""
+    if df == 2.0:
+        s = np.sqrt(t * t + 2.0)
+        return -np.sign(t) * special.ndtri(1.0 / (s * (s + np.abs(t))))
+    return np.where(t < 0, special.ndtri(stats.t.cdf(t, df)), -special.ndtri(stats.t.sf(t, df)))
+
+
+def t_logpdf(t: np.ndarray, df: float) -> np.ndarray:
+    """log density of a standard Student-t, float64 (closed form for df = 2)."""
+    if df == 2.0:
+        return -1.5 * np.log1p(0.5 * t * t) - 1.5 * math.log(2.0)
+    return stats.t.logpdf(t, df)
 
 
 class _StudentQuantile(torch.autograd.Function):
@@ -33,9 +60,10 @@ class _StudentQuantile(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: Tensor, df: float) -> Tensor:
-        wn = w.detach().double().cpu().numpy()
-        t = np.where(wn < 0, stats.t.ppf(special.ndtr(wn), df), stats.t.isf(special.ndtr(-wn), df))
-        out = torch.as_tensor(t, dtype=w.dtype)
+        # |w| <= 35 keeps t finite in float64 (Phi(-35) ~ 1e-268; t ~ 1e134 for df = 2): an optimiser's or a
+        # leapfrog's wild step then meets a finite, vanishingly small density instead of an infinite parameter
+        wn = np.clip(w.detach().double().cpu().numpy(), -W_TORCH_MAX, W_TORCH_MAX)
+        out = torch.as_tensor(t_from_normal(wn, df), dtype=w.dtype)
         ctx.save_for_backward(w, out)
         ctx.df = df
         return out
@@ -66,8 +94,7 @@ class Whitener:
             w = (x - mu) / sd
         else:
             df, mu, sd = self.params
-            t = (x - mu) / sd
-            w = np.where(t < 0, special.ndtri(stats.t.cdf(t, df)), -special.ndtri(stats.t.sf(t, df)))
+            w = normal_from_t((x - mu) / sd, df)
         return np.clip(w, -W_MAX, W_MAX)
 
     def from_white(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -81,12 +108,12 @@ class Whitener:
             mu, sd = self.params
             return mu + sd * w, np.full_like(w, np.log(sd))
         df, mu, sd = self.params
-        t = np.where(w < 0, stats.t.ppf(special.ndtr(w), df), stats.t.isf(special.ndtr(-w), df))
-        return mu + sd * t, log_phi - stats.t.logpdf(t, df) + np.log(sd)
+        t = t_from_normal(w, df)
+        return mu + sd * t, log_phi - t_logpdf(t, df) + np.log(sd)
 
     def from_white_torch(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """Standard-normal coordinates -> (constrained values, log|dx/dw|), in torch: differentiable in ``w``
-        and not clipped (the prior's own coordinates, for HMC). Same dtype as ``w``."""
+        and clipped only at |w| = 35 (the prior's own coordinates, for HMC). Same dtype as ``w``."""
         log_phi = -0.5 * w**2 - 0.5 * math.log(2 * math.pi)
         if self.kind == "uniform":
             a, b = self.params
@@ -97,6 +124,44 @@ class Whitener:
         df, mu, sd = self.params
         t = _StudentQuantile.apply(w, df)
         return mu + sd * t, log_phi - torch.distributions.StudentT(df).log_prob(t) + math.log(sd)
+
+
+class StudentTQuantiles(torch.distributions.transforms.Transform):
+    """x = mu + sd * F_t^-1(Phi(w)): standard-normal coordinates w -> a Student-t variable x,
+    differentiable in w (any floating dtype); |w| is clipped at 35 only, where the prior density is
+    e^-612, so that x stays finite in float64.
+
+    A ``torch.distributions`` transform of real support, so it can stand wherever
+    ``biject_to(constraints.real)`` does (:class:`sedppl.infer.potential.UnconstrainedCoordinates`).
+    Under x ~ StudentT(df, mu, sd), w ~ N(0, 1) exactly.
+
+    Arguments:
+        df, mu, sd: The Student-t's degrees of freedom, location and scale (same units as x).
+    """
+
+    domain = torch.distributions.constraints.real
+    codomain = torch.distributions.constraints.real
+    bijective = True
+    sign = 1
+
+    def __init__(self, df: float, mu: float, sd: float):
+        super().__init__()
+        self.df, self.mu, self.sd = float(df), float(mu), float(sd)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StudentTQuantiles) and (self.df, self.mu, self.sd) == (other.df, other.mu, other.sd)
+
+    def _call(self, w: Tensor) -> Tensor:
+        return self.mu + self.sd * _StudentQuantile.apply(w, self.df)
+
+    def _inverse(self, x: Tensor) -> Tensor:
+        t = (x.detach().double().cpu().numpy() - self.mu) / self.sd
+        return torch.as_tensor(normal_from_t(t, self.df), dtype=x.dtype)
+
+    def log_abs_det_jacobian(self, w: Tensor, x: Tensor) -> Tensor:
+        """log |dx/dw| = log phi(w) - log f_t((x - mu) / sd) + log sd, element-wise."""
+        log_phi = -0.5 * w**2 - 0.5 * math.log(2 * math.pi)
+        return log_phi - torch.distributions.StudentT(self.df).log_prob((x - self.mu) / self.sd) + math.log(self.sd)
 
 
 def _scalar(v) -> float | None:

@@ -10,7 +10,8 @@ import torch
 
 from sedppl.data import Observation
 from sedppl.infer.hmc import run_hmc, sample_hmc, warmup_windows
-from sedppl.infer.potential import BatchedPotential, physics_dtype
+from sedppl.infer.potential import BatchedPotential, UnconstrainedCoordinates, physics_dtype
+from sedppl.infer.whitening import StudentTQuantiles
 
 
 class _Gaussian:
@@ -107,6 +108,62 @@ def test_run_hmc_matches_the_conjugate_posterior(dtype):
         assert hasattr(idata, group), group
     assert idata.log_likelihood["photometry"].shape == (2, 300, 6)
     assert {"diverging", "acceptance_rate", "n_steps", "step_size", "lp"} <= set(idata.sample_stats)
+
+
+def test_student_t_quantiles_transform():
+    """x = mu + sd F_t^-1(Phi(w)) (df 2, the continuity prior): inverse to 1e-12 for |w| <= 8, log |dx/dw|
+    equal to autograd's to 1e-10, and Student-t draws mapped back are N(0, 1) (KS p > 0.01, 20,000 draws)."""
+    from scipy import stats
+
+    t = StudentTQuantiles(2.0, 0.1, 0.3)
+    w = torch.linspace(-8, 8, 41, dtype=torch.float64, requires_grad=True)
+    x = t(w)
+    assert torch.allclose(t.inv(x.detach()), w.detach(), atol=1e-12, rtol=0)
+    (dx,) = torch.autograd.grad(x.sum(), w)
+    assert torch.allclose(torch.log(dx), t.log_abs_det_jacobian(w, x), atol=1e-10, rtol=0)
+    draws = 0.1 + 0.3 * torch.as_tensor(stats.t.rvs(2, size=20000, random_state=0))
+    assert stats.kstest(t.inv(draws).numpy(), "norm").pvalue > 0.01
+
+
+def ratio_model(obs=None, n_galaxies=1):
+    """Three ratios with the continuity prior StudentT(2, 0, 0.3) per galaxy; the data (sd 0.1) constrain the
+    first only, so the other two keep their prior: heavy tails, as the oldest bins' ratios of a spectrum fit."""
+    n = n_galaxies if obs is None else obs.band_flux.shape[0]
+    with pyro.plate("galaxies", n):
+        r = pyro.sample("log_sfr_ratio", dist.StudentT(2.0, 0.0, 0.3).expand([3]).to_event(1))
+        pyro.sample("photometry", dist.Normal(r[:, :1], 0.1).to_event(1),
+                    obs=None if obs is None else obs.band_flux)
+
+
+def test_hmc_explores_a_heavy_tailed_prior_in_its_quantile_coordinates():
+    """20 targets, one chain each, 200 + 400 draws. In the default coordinates (Student-t sites through their
+    prior quantiles) the two unconstrained ratios reach the Student-t's tails at the right rates: the pooled
+    fractions of |r| / 0.3 beyond its 50/80/95/99% two-sided quantiles within 3 binomial sd for an effective
+    4,000 draws, every target's bulk ESS of them >= 100 and no divergences. In the identity coordinates NUTS
+    would use, the worst target's bulk ESS is under a third of that (the reason for the default)."""
+    import arviz as az
+    from pyro import poutine
+
+    b = 20
+    y = 0.3 * torch.randn(b, 1, generator=torch.Generator().manual_seed(0))
+    obs = Observation(bands=["b0"], band_flux=y, band_ivar=torch.full((b, 1), 100.0))
+    trace = poutine.trace(ratio_model).get_trace(obs=obs)
+    worst = {}
+    for quantiles in (True, False):
+        coords = UnconstrainedCoordinates(trace, torch.float64, student_t_quantiles=quantiles)
+        pot = BatchedPotential(ratio_model, kwargs={"obs": obs}, coordinates=coords)
+        start = pot.flatten({"log_sfr_ratio": torch.cat([y, torch.zeros(b, 2)], 1).double()})
+        res = sample_hmc(pot, start, 200, 400, generator=torch.Generator().manual_seed(1), progress=False)
+        r = pot.constrain(res["u"].reshape(-1, pot.dim))[0]["log_sfr_ratio"].reshape(400, b, 3)
+        free = r[..., 1:].numpy()
+        ess = [float(az.ess(free[:, i, j][None])) for i in range(b) for j in range(2)]
+        worst[quantiles] = min(ess)
+        if quantiles:
+            assert not bool(res["diverging"].any()) and min(ess) >= 100
+            for c, p in ((0.8165, 0.5), (1.8856, 0.2), (4.3027, 0.05), (9.9248, 0.01)):
+                frac = float((np.abs(free) / 0.3 > c).mean())
+                assert abs(frac - p) < 3 * math.sqrt(p * (1 - p) / 4000), (c, frac)
+    assert worst[False] < worst[True] / 3
 
 
 def test_batched_potential_is_the_sum_of_single_ones():

@@ -37,7 +37,8 @@ def test_parameter_space_round_trip(small_model):
     assert abs(float(torch.log(g0 * g1)) - float(ld[0].detach())) < 1e-5
 
 
-@pytest.mark.parametrize("kind,params", [("uniform", (7.0, 12.5)), ("normal", (0.0, 1.6)), ("studentt", (2.0, 0.0, 0.3))])
+@pytest.mark.parametrize("kind,params", [("uniform", (7.0, 12.5)), ("normal", (0.0, 1.6)), ("studentt", (2.0, 0.0, 0.3)),
+                                         ("studentt", (3.0, 0.5, 1.0))])
 def test_prior_whitening(kind, params):
     """Prior draws become N(0, 1) (20,000 draws: mean within 0.03, sd within 0.03), the map inverts to
     1e-6 relative, and log|dx/dw| equals finite differences to 1e-4."""
@@ -58,7 +59,8 @@ def test_prior_whitening(kind, params):
     assert np.allclose(np.log((x1 - x0) / 1e-6), ld, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind,params", [("uniform", (7.0, 12.5)), ("normal", (0.0, 1.6)), ("studentt", (2.0, 0.0, 0.3))])
+@pytest.mark.parametrize("kind,params", [("uniform", (7.0, 12.5)), ("normal", (0.0, 1.6)), ("studentt", (2.0, 0.0, 0.3)),
+                                         ("studentt", (3.0, 0.5, 1.0))])
 def test_prior_whitening_in_torch(kind, params):
     """The torch map equals the numpy one (values 1e-10, log-Jacobians 1e-7 on |w| <= 5), and autograd's dx/dw equals exp(log|dx/dw|)
     (1e-8 relative): the change of variables HMC uses in the flow's coordinates is consistent."""
@@ -72,6 +74,22 @@ def test_prior_whitening_in_torch(kind, params):
     assert np.allclose(ld.detach().numpy(), ldn, rtol=1e-7, atol=1e-7)  # lgamma of torch vs scipy
     (dx,) = torch.autograd.grad(x.sum(), w)
     assert torch.allclose(torch.log(dx), ld.detach().expand_as(dx), rtol=1e-8, atol=1e-8)
+
+
+def test_student_t_closed_forms_equal_scipy():
+    """df = 2 (the continuity prior) in closed form: F_t^-1(Phi(w)) equal to scipy's quantiles to 1e-12
+    relative for |w| <= 35 (both tails), its inverse to 1e-12, the log density to 1e-12."""
+    from scipy import special, stats
+
+    from sedppl.infer.whitening import normal_from_t, t_from_normal, t_logpdf
+
+    w = np.linspace(-35, 35, 1401)
+    t = t_from_normal(w, 2.0)
+    ref = np.where(w < 0, stats.t.ppf(special.ndtr(w), 2), stats.t.isf(special.ndtr(-w), 2))
+    np.testing.assert_allclose(t, ref, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(normal_from_t(t, 2.0), w, rtol=0, atol=1e-12)
+    tt = np.concatenate([-np.logspace(-6, 8, 50), [0.0], np.logspace(-6, 8, 50)])
+    np.testing.assert_allclose(t_logpdf(tt, 2.0), stats.t.logpdf(tt, 2), rtol=1e-12, atol=1e-12)
 
 
 def test_zoo_sites_are_whitened():
