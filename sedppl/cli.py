@@ -7,9 +7,9 @@
                                                  train (or resume) an amortized posterior, then calibrate it
     sedppl train vae --spectra FILE [--n-latent K] [--no-residual] [--max-epochs E] [--out FILE]
                                                  train (or resume) a VAE whose decoder is the SED model
-    sedppl fit INPUT [--method npe|hmc|nuts] [--model phot|specphot] [--posterior FILE] [--out DIR]
-                                                 posteriors for every galaxy of a mock file, SDSS/DESI
-                                                 spectrum file, or catalog
+    sedppl fit INPUT [INPUT ...] [--method npe|hmc|nuts] [--model phot|specphot] [--posterior FILE] [--out DIR]
+                                                 posteriors for every galaxy of mock files, SDSS/DESI
+                                                 spectrum files, or a catalog
     sedppl compare INPUT [--galaxy I] [--model phot|specphot]
                                                  amortized vs NUTS posterior of one galaxy
     sedppl info                                  the SSP grid and filters sedppl can use
@@ -442,8 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
     f = sub.add_parser("fit", help="posteriors for every galaxy of a mock file, spectrum file or photometry catalog "
                                    "(resumable)")
-    f.add_argument("input", help="a file from `sedppl simulate`, an SDSS spec-*.fits or DESI coadd-*.fits file "
-                                 "(use --model specphot), or a photometry catalog (FITS/ECSV/CSV)")
+    f.add_argument("input", nargs="+",
+                   help="a file from `sedppl simulate`, an SDSS spec-*.fits or DESI coadd-*.fits file "
+                        "(use --model specphot), or a photometry catalog (FITS/ECSV/CSV); several files of one "
+                        "kind make one batch, galaxies numbered in the order given (e.g. many SDSS spec files)")
     f.add_argument("--method", choices=["npe", "hmc", "nuts"], default="npe",
                    help="npe: amortized posterior, milliseconds a galaxy (default); hmc: MCMC, every chain of "
                         "--chunk galaxies in one batched computation, started from the amortized posterior's best "

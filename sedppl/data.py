@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,6 +162,57 @@ class Observation:
                            mask=rows(self.mask, 1), resolution=rows(self.resolution, 2), bands=self.bands,
                            band_flux=rows(self.band_flux, 1), band_ivar=rows(self.band_ivar, 1),
                            name=[names[i] for i in idx.tolist()])
+
+    @classmethod
+    def concat(cls, observations: list["Observation"]) -> "Observation":
+        """One batch of the galaxies of several observations, in order (e.g. one SDSS spec file each).
+
+        Every part must hold the same kind of data: spectra on the same wavelength grid
+        (vacuum Angstrom) and the same bands, redshifts given for all or for none. A mask
+        present in some parts only keeps every pixel of the others; resolution data are
+        kept only when every part has them with the same width (else dropped, with a warning:
+        the model's own resolution applies).
+
+        Raises:
+            ValueError naming the first part that does not match the first.
+        """
+        if not observations:
+            raise ValueError("concat needs at least one observation")
+        first = observations[0]
+        for i, o in enumerate(observations[1:], 1):
+            if o.has_spectrum != first.has_spectrum or o.has_photometry != first.has_photometry:
+                raise ValueError(f"observation {i} holds other data (spectrum {o.has_spectrum}, photometry "
+                                 f"{o.has_photometry}) than observation 0 ({first.has_spectrum}, {first.has_photometry})")
+            if first.has_spectrum and (o.wave.shape != first.wave.shape or not torch.allclose(o.wave, first.wave)):
+                raise ValueError(f"observation {i} has another wavelength grid than observation 0; put both on one "
+                                 "grid first (Observation.on_grid)")
+            if list(o.bands) != list(first.bands):
+                raise ValueError(f"observation {i} has bands {o.bands}, observation 0 {first.bands}")
+            if (o.redshift is None) != (first.redshift is None):
+                raise ValueError(f"observation {i} {'lacks' if o.redshift is None else 'has'} a redshift and "
+                                 f"observation 0 {'has' if o.redshift is None else 'lacks'} one")
+        parts = [o.select(list(range(o.n_galaxies))) for o in observations]  # each a batch (B_i, ...)
+
+        def stack(name, fill=None):
+            v = [getattr(p, name) for p in parts]
+            if all(t is None for t in v):
+                return None
+            if any(t is None for t in v):
+                if fill is None:
+                    return None
+                v = [fill(p) if t is None else t for p, t in zip(parts, v)]
+            return torch.cat(v)
+
+        keep_all = (lambda p: torch.ones_like(p.flux, dtype=torch.bool))  # noqa: E731
+        resolution = None
+        if all(p.resolution is not None for p in parts) and len({p.resolution.shape[1:] for p in parts}) == 1:
+            resolution = stack("resolution")
+        elif any(p.resolution is not None for p in parts):
+            warnings.warn("resolution data missing or of different widths in some observations: dropped for all")
+        names = [n for p in parts for n in p.name]
+        return cls(redshift=stack("redshift"), wave=first.wave, flux=stack("flux"), ivar=stack("ivar"),
+                   mask=stack("mask", keep_all), resolution=resolution, bands=first.bands,
+                   band_flux=stack("band_flux"), band_ivar=stack("band_ivar"), name=names)
 
     def check_bands(self, model_bands: list[str]) -> None:
         """Raise ``ValueError`` if the observation's bands differ from a model's."""

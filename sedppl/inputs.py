@@ -38,12 +38,14 @@ def file_kind(path: Path) -> str:
     return "table"
 
 
-def read_input(path: str | Path, model, catalog: dict | None = None, out: str | Path | None = None):
-    """(Observation, truths or None) from any file ``sedppl fit`` takes.
+def read_input(path: str | Path | list, model, catalog: dict | None = None, out: str | Path | None = None):
+    """(Observation, truths or None) from any file ``sedppl fit`` takes, or from several.
 
     Arguments:
         path: A sedppl mock file (``sedppl simulate``), an SDSS/BOSS spec file, a DESI
-            coadd file, or (with ``catalog``) a photometry catalog.
+            coadd file, or (with ``catalog``) a photometry catalog; or a list of such files,
+            whose galaxies make one batch in the order given (:meth:`Observation.concat`;
+            e.g. many SDSS spec files, one galaxy each). Truths only if every file is a mock.
         model: The zoo model to fit (its grid, bands and redshift range).
         catalog: Keyword arguments of :func:`sedppl.catalogs.read_photometry_catalog`
             (bands, flux_columns, error_columns, unit, redshift_column, id_column).
@@ -52,6 +54,22 @@ def read_input(path: str | Path, model, catalog: dict | None = None, out: str | 
     Returns:
         (batch :class:`Observation`, {site: (N,) true values} for mocks or None).
     """
+    if isinstance(path, (list, tuple)):
+        if len(path) == 1:
+            return read_input(path[0], model, catalog, out)
+        rows: list = []
+        parts = [_read_one(p, model, catalog, rows) for p in path]
+        if rows and out is not None:
+            _write_redshifts(rows, out)
+        truths = [t for _, t in parts]
+        truth = None if any(t is None for t in truths) else \
+            {k: np.concatenate([t[k] for t in truths]) for k in truths[0] if all(k in t for t in truths)}
+        return Observation.concat([o for o, _ in parts]), truth
+    return _read_one(path, model, catalog, None, out)
+
+
+def _read_one(path, model, catalog, redshift_rows, out=None):
+    """(Observation, truths or None) of one file; measured redshifts to ``redshift_rows`` or ``out``."""
     from .catalogs import read_photometry_catalog
     from .mocks import read_mocks
 
@@ -65,19 +83,21 @@ def read_input(path: str | Path, model, catalog: dict | None = None, out: str | 
         mock = read_mocks(path)
         return mock.obs, {k: v.numpy() for k, v in mock.truth.items()}
     if kind in ("sdss", "desi"):
-        return read_spectra(path, kind, model, out), None
+        return read_spectra(path, kind, model, out, redshift_rows), None
     raise ValueError(f"{path} is not a sedppl mock, SDSS spec or DESI coadd file; for a catalog give --bands, "
                      "--flux-columns and --error-columns (and --z-column)")
 
 
-def read_spectra(path: Path, kind: str, model, out: str | Path | None = None) -> Observation:
+def read_spectra(path: Path, kind: str, model, out: str | Path | None = None,
+                 redshift_rows: list | None = None) -> Observation:
     """A survey spectrum file ('sdss' or 'desi') as a batch :class:`Observation` on ``model``'s grid.
 
     DESI spectra are corrected for Galactic extinction with the FIBERMAP's E(B-V);
     photometry in other bands than the model's is dropped (the spectrum is fitted
     alone, with a warning); a spectrum on another grid is rebinned onto the model's
     (information-conserving); missing redshifts are measured
-    (:func:`sedppl.redshift.measure_redshift`, written to ``out/redshifts.ecsv``).
+    (:func:`sedppl.redshift.measure_redshift`, written to ``out/redshifts.ecsv``, or
+    appended to ``redshift_rows`` when that list is given, for a caller that reads several files).
     """
     fm = model.forward_model
     if getattr(fm, "spec", None) is None:
@@ -107,10 +127,10 @@ def read_spectra(path: Path, kind: str, model, out: str | Path | None = None) ->
             print(f"[sedppl] {names[g]}: measured z = {r.z:.5f} +- {r.z_err:.5f} (delta chi2 {r.delta_chi2:.1f})")
             if r.delta_chi2 < 9:
                 warnings.warn(f"{names[g]}: ambiguous redshift (delta chi2 {r.delta_chi2:.1f} < 9)")
-        if out is not None:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            Table(rows=rows, names=["name", "z", "z_err", "delta_chi2", "chi2_dof"]).write(
-                Path(out) / "redshifts.ecsv", overwrite=True)
+        if redshift_rows is not None:
+            redshift_rows.extend(rows)
+        elif out is not None:
+            _write_redshifts(rows, out)
         z = torch.tensor([r[1] for r in rows], dtype=torch.float32)
         obs = Observation(redshift=z if len(rows) > 1 or obs.flux.dim() == 2 else z[0], wave=obs.wave,
                           flux=obs.flux, ivar=obs.ivar, mask=obs.mask, resolution=obs.resolution, bands=obs.bands,
@@ -123,3 +143,10 @@ def read_spectra(path: Path, kind: str, model, out: str | Path | None = None) ->
                           else one(obs.resolution), bands=obs.bands, band_flux=one(obs.band_flux),
                           band_ivar=one(obs.band_ivar), name=[obs.name] if isinstance(obs.name, str) else obs.name)
     return obs
+
+
+def _write_redshifts(rows: list, out: str | Path) -> None:
+    """``out/redshifts.ecsv``: name, z, z_err, delta_chi2, chi2_dof of the measured redshifts."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    Table(rows=rows, names=["name", "z", "z_err", "delta_chi2", "chi2_dof"]).write(
+        Path(out) / "redshifts.ecsv", overwrite=True)

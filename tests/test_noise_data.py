@@ -83,3 +83,28 @@ def test_nan_flux_allowed_where_masked():
     assert obs.has_spectrum and not obs.has_photometry
     with pytest.raises(ValueError, match="lacks"):
         Observation(redshift=0.1, bands=["sdss_u"], band_flux=[1.0], band_ivar=[1.0]).check_bands(["sdss_r"])
+
+
+def test_observation_concat():
+    """Several observations make one batch in order: each part's rows come back unchanged (select), a mask
+    present in one part only keeps every pixel of the others, and parts that cannot share a batch (another
+    wavelength grid, other bands, a redshift given for one only) raise an error that names the part."""
+    wave = torch.linspace(4000, 5000, 20)
+    a = Observation(redshift=0.1, wave=wave, flux=torch.ones(20), ivar=torch.full((20,), 4.0), name="a")
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1, :3] = False
+    b = Observation(redshift=torch.tensor([0.2, 0.3]), wave=wave, flux=torch.rand(2, 20), ivar=torch.ones(2, 20),
+                    mask=mask, name=["b", "c"])
+    both = Observation.concat([a, b])
+    assert both.n_galaxies == 3 and both.name == ["a", "b", "c"]
+    torch.testing.assert_close(both.redshift, torch.tensor([0.1, 0.2, 0.3]))
+    torch.testing.assert_close(both.flux[1:], b.flux)
+    torch.testing.assert_close(both.ivar[0], a.ivar)
+    assert both.mask[0].all() and torch.equal(both.mask[1:], mask)
+    with pytest.raises(ValueError, match="observation 1 has another wavelength grid"):
+        Observation.concat([a, Observation(redshift=0.1, wave=wave + 1, flux=torch.ones(20), ivar=torch.ones(20))])
+    with pytest.raises(ValueError, match="observation 1 lacks a redshift"):
+        Observation.concat([a, Observation(wave=wave, flux=torch.ones(20), ivar=torch.ones(20))])
+    phot = Observation(redshift=0.1, bands=["sdss2010-r"], band_flux=torch.ones(1), band_ivar=torch.ones(1))
+    with pytest.raises(ValueError, match="observation 1 holds other data"):
+        Observation.concat([a, phot])
