@@ -83,8 +83,6 @@ class NebularEmission(torch.nn.Module):
         line_range: Keep the lines with rest wavelengths in this range (Angstrom).
         dlnlam: Log-wavelength step of the internal continuum grid (the
             continuum is smooth; it is interpolated linearly onto ``wave``).
-        interp_smoothing: Half-width (dex) over which the log Z and log U interpolation
-            weights are averaged (see :class:`sedppl.sps.synthesis.StellarSynthesis`); 0: linear.
         vacuum: Take ``wave`` as vacuum wavelengths and return the lines at
             vacuum wavelengths (the grids are converted with
             :func:`sedppl.instrument.air_to_vacuum`).
@@ -92,9 +90,8 @@ class NebularEmission(torch.nn.Module):
 
     def __init__(self, wave: np.ndarray, t_bc: float = 0.01,
                  line_range: tuple[float, float] = (900.0, 1e6), dlnlam: float = 2e-3,
-                 vacuum: bool = False, interp_smoothing: float = 0.0):
+                 vacuum: bool = False):
         super().__init__()
-        self.interp_smoothing = float(interp_smoothing)
         d = load_cloudy_grids()
         if vacuum:
             from ..instrument import air_to_vacuum
@@ -163,9 +160,8 @@ class NebularEmission(torch.nn.Module):
         """
         dtype = self.cont.dtype
         m = self.age_mass(mass.to(dtype), edges.to(dtype))  # (..., Nn)
-        s = self.interp_smoothing
-        wz = linear_interp_weights(self.log_z, torch.as_tensor(logz_gas, dtype=dtype), "gas log10 Z/Zsun", s)
-        wu = linear_interp_weights(self.log_u, torch.as_tensor(log_u, dtype=dtype), "log10 U", s)
+        wz = linear_interp_weights(self.log_z, torch.as_tensor(logz_gas, dtype=dtype), "gas log10 Z/Zsun")
+        wu = linear_interp_weights(self.log_u, torch.as_tensor(log_u, dtype=dtype), "log10 U")
         weights = wz[..., :, None, None] * wu[..., None, :, None] * m[..., None, None, :]
         lines = torch.einsum("...zun,zunj->...j", weights, self.lines)
         coarse = weights.flatten(-3) @ self.cont

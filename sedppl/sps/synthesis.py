@@ -31,19 +31,17 @@ from torch import Tensor
 from .grid import SSPGrid
 
 
-def linear_interp_weights(grid_x: Tensor, x: Tensor, what: str = "value", smooth: float = 0.0) -> Tensor:
+def linear_interp_weights(grid_x: Tensor, x: Tensor, what: str = "value") -> Tensor:
     """Weights of linear interpolation of ``x`` between points ``grid_x``.
 
     Arguments:
         grid_x: Strictly increasing grid, shape (K,).
         x: Points, any shape (...). Must lie inside [grid_x[0], grid_x[-1]].
         what: Name used in the error message.
-        smooth: Half-width (units of ``x``) of a box the weights are averaged over
-            (:func:`smoothed_interp_weights`); 0 for plain linear interpolation.
 
     Returns:
-        Weights of shape (..., K), two non-zero per point (up to three with ``smooth``),
-        summing to 1, differentiable in ``x``.
+        Weights of shape (..., K), two non-zero per point, summing to 1,
+        differentiable in ``x``.
     """
     lo, hi = float(grid_x[0]), float(grid_x[-1])
     tol = 1e-6 * max(1.0, hi - lo)
@@ -52,8 +50,6 @@ def linear_interp_weights(grid_x: Tensor, x: Tensor, what: str = "value", smooth
     if torch.any(x < lo - tol) or torch.any(x > hi + tol):
         bad = x[(x < lo - tol) | (x > hi + tol)].flatten()[0].item()
         raise ValueError(f"{what} = {bad:.4g} is outside the grid range [{lo:.4g}, {hi:.4g}]")
-    if smooth > 0:
-        return smoothed_interp_weights(grid_x, x, smooth)
     j = torch.searchsorted(grid_x, x.detach().contiguous(), right=True) - 1
     j = j.clamp(0, grid_x.numel() - 2)
     x0, x1 = grid_x[j], grid_x[j + 1]
@@ -61,57 +57,6 @@ def linear_interp_weights(grid_x: Tensor, x: Tensor, what: str = "value", smooth
     w = torch.zeros(*x.shape, grid_x.numel(), dtype=x.dtype, device=x.device)
     w = w.scatter_add(-1, j[..., None], (1 - u)[..., None])
     return w.scatter_add(-1, (j + 1)[..., None], u[..., None])
-
-
-def _interp_weight_integrals(grid_x: Tensor, t: Tensor) -> Tensor:
-    """A(t) = int_{grid_x[0]}^t L(s) ds, (..., K): the integrals of the linear-interpolation weights
-    L (held constant beyond the grid's ends), piecewise quadratic in t with derivative L(t)."""
-    k = grid_x.numel()
-    h = torch.diff(grid_x)  # (K-1,)
-    # at node i: every earlier cell m gave h_m / 2 to nodes m and m + 1
-    half = torch.zeros(k, k, dtype=t.dtype)
-    for m in range(k - 1):
-        half[m + 1:, m] += h[m] / 2
-        half[m + 1:, m + 1] += h[m] / 2
-    lo, hi = grid_x[0], grid_x[-1]
-    tc = t.clamp(lo, hi)
-    j = (torch.searchsorted(grid_x, tc.detach().contiguous(), right=True) - 1).clamp(0, k - 2)
-    hj = h[j]
-    u = (tc - grid_x[j]) / hj
-    out = half[j]  # (..., K)
-    out = out.scatter_add(-1, j[..., None], (hj * (u - u * u / 2))[..., None])
-    out = out.scatter_add(-1, (j + 1)[..., None], (hj * u * u / 2)[..., None])
-    zero = torch.zeros_like(t)  # constant weights beyond the ends (one-sided, so t = lo counts once)
-    below, above = torch.where(t < lo, t - lo, zero), torch.where(t > hi, t - hi, zero)
-    out = out.clone()
-    out[..., 0] = out[..., 0] + below
-    out[..., -1] = out[..., -1] + above
-    return out
-
-
-def smoothed_interp_weights(grid_x: Tensor, x: Tensor, half_width: float) -> Tensor:
-    """Linear-interpolation weights averaged over [x - half_width, x + half_width], (..., K).
-
-    Plain linear interpolation has a kink at every grid point, so a likelihood of
-    the interpolated spectrum has jumps in its gradient there (and a cusp where a
-    best fit sits on a grid metallicity), which costs HMC its step size. Averaging
-    the weights over a box of half-width ``half_width`` rounds each kink into a
-    parabola: the weights stay non-negative and sum to 1 (no overshoot), equal the
-    linear ones farther than ``half_width`` from every grid point, and have a
-    continuous derivative. Beyond the grid's ends the end weights are held (the
-    box is not clipped), so the map stays smooth up to the ends.
-
-    Arguments:
-        grid_x: Strictly increasing grid, (K,) (e.g. log10 Z/Zsun of the SSPs).
-        x: Points inside the grid's range, (...).
-        half_width: In the units of ``x`` (e.g. dex).
-
-    Returns:
-        (..., K) weights, differentiable in ``x``.
-    """
-    gx = grid_x.to(x.dtype)
-    return (_interp_weight_integrals(gx, x + half_width) - _interp_weight_integrals(gx, x - half_width)) \
-        / (2 * half_width)
 
 
 class AgeIntegrator(torch.nn.Module):
@@ -260,19 +205,13 @@ class StellarSynthesis(torch.nn.Module):
             synthesis cost about five-fold at rank 256 on a DESI grid. With
             BC03+MILES, rank 256 keeps composite spectra within 2e-3 of the
             exact sum at every pixel (median 1e-5; see tests). None: exact.
-        interp_smoothing: Half-width (dex) over which the metallicity interpolation
-            weights are averaged (:func:`smoothed_interp_weights`): 0 (default) is plain
-            linear interpolation in log Z, with a kink at every grid metallicity; a
-            small value (e.g. 0.05) makes the spectra's derivative in log Z
-            continuous, for gradient-based samplers.
 
     The module's buffers follow ``.to(dtype)``; float32 by default.
     """
 
     def __init__(self, grid: SSPGrid, wave_range: tuple[float, float] | None = None,
-                 t_bc: float = 0.01, rank: int | None = None, interp_smoothing: float = 0.0):
+                 t_bc: float = 0.01, rank: int | None = None):
         super().__init__()
-        self.interp_smoothing = float(interp_smoothing)
         if wave_range is not None:
             grid = grid.restrict(*wave_range)
         self.grid = grid
@@ -348,7 +287,7 @@ class StellarSynthesis(torch.nn.Module):
         check_sfh(mass, edges, logz, max_age)
         if torch.any(edges[..., -1] > self.max_age_gyr * (1 + 1e-6)):
             raise ValueError(f"a bin edge is older than the SSP grid's oldest age ({self.max_age_gyr:.3g} Gyr)")
-        wz = linear_interp_weights(self.log_z, logz, "log10 Z/Zsun", self.interp_smoothing)  # (..., N, Z)
+        wz = linear_interp_weights(self.log_z, logz, "log10 Z/Zsun")  # (..., N, Z)
         if not light:
             return self._masses(mass, edges, wz)
         tbc = self.t_bc

@@ -7,7 +7,7 @@ import torch
 from sedppl.photometry import Photometry, nanomaggies_to_ab
 from sedppl.resample import edges_from_centers
 from sedppl.instrument import air_to_vacuum
-from sedppl.sps.synthesis import AgeIntegrator, StellarSynthesis, linear_interp_weights, smoothed_interp_weights
+from sedppl.sps.synthesis import AgeIntegrator, StellarSynthesis, linear_interp_weights
 from tests.conftest import RTOL
 
 
@@ -109,60 +109,6 @@ def test_metallicity_interpolation(synth, grid):
     w = linear_interp_weights(torch.tensor(grid.log_metallicities), one([np.log10(0.4)]))
     assert w[0, 3].item() == pytest.approx(1.0)
     assert at_grid.sum() > 0
-
-
-def test_smoothed_interpolation_weights(grid):
-    """Weights averaged over +-0.05 dex on the BC03 metallicities (log Z/Zsun -2.3 ... 0.7): non-negative,
-    summing to 1 (1e-12), equal to linear interpolation farther than 0.05 dex from every grid point (1e-12);
-    at solar, between cells of h = 0.398 dex (Z 0.008, 0.02, 0.05), 1 - 0.05/(2h) on solar and 0.05/(4h) on each
-    neighbour (exact, 1e-12);
-    the interpolant's slope continuous (no step between neighbours 0.001 dex apart larger than its
-    curvature bound, largest slope jump / 0.1 dex x 0.001 dex), where linear interpolation's slope jumps;
-    batched (2, 3) points equal one at a time."""
-    g = torch.tensor(grid.log_metallicities, dtype=torch.float64)
-    x = torch.linspace(float(g[0]), float(g[-1]), 3001, dtype=torch.float64, requires_grad=True)
-    w = smoothed_interp_weights(g, x, 0.05)
-    lin = linear_interp_weights(g, x.detach())
-    assert float(w.min()) >= 0 and torch.allclose(w.sum(-1), torch.ones(3001, dtype=torch.float64), atol=1e-12)
-    far = (x.detach()[:, None] - g).abs().min(-1).values > 0.05
-    torch.testing.assert_close(w.detach()[far], lin[far], atol=1e-12, rtol=0)
-    k = int(torch.argmin(g.abs()))
-    at_solar = smoothed_interp_weights(g, g[k:k + 1], 0.05)[0]
-    h_lo, h_hi = float(g[k] - g[k - 1]), float(g[k + 1] - g[k])
-    assert at_solar[k].item() == pytest.approx(1 - 0.05 / 4 * (1 / h_lo + 1 / h_hi), abs=1e-12)
-    assert at_solar[k - 1].item() == pytest.approx(0.05 / (4 * h_lo), abs=1e-12)
-    assert at_solar[k + 1].item() == pytest.approx(0.05 / (4 * h_hi), abs=1e-12)
-    f = torch.randn(g.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    (slope,) = torch.autograd.grad((w @ f).sum(), x)
-    zero = torch.zeros(1, dtype=torch.float64)
-    jumps = torch.diff(torch.cat([zero, torch.diff(f) / torch.diff(g), zero]))  # linear: slope jumps at the nodes
-    bound = float(jumps.abs().max()) / 0.1 * 0.001  # (held constant beyond the ends: a jump there too)
-    assert float(torch.diff(slope).abs().max()) <= 1.01 * bound < 0.1 * float(jumps.abs().max())
-    pts = torch.tensor([[-2.0, -0.42, 0.01], [0.69, -1.7, -0.05]], dtype=torch.float64)
-    batch = smoothed_interp_weights(g, pts, 0.05)
-    for i in range(2):
-        for j in range(3):
-            torch.testing.assert_close(batch[i, j], smoothed_interp_weights(g, pts[i, j:j + 1], 0.05)[0])
-
-
-def test_smoothed_synthesis_equals_linear_away_from_grid_metallicities(synth):
-    """StellarSynthesis(interp_smoothing=0.05): the same spectrum (1e-10) at log Z 0.2 dex from every grid point,
-    a blend at a grid metallicity (solar: 1 - 0.05/(4 h) per side on solar, 0.05/(4 h) on each neighbour, 1e-10),
-    finite gradients in log Z."""
-    s = synth.double()
-    smooth = StellarSynthesis(s.grid, interp_smoothing=0.05).double()
-    edges = one([1.0, 1.1])
-    torch.testing.assert_close(smooth(one([1.0]), edges, one([-0.2])).total,
-                               s(one([1.0]), edges, one([-0.2])).total, rtol=1e-10, atol=0)
-    g = s.log_z.double()
-    k = int(torch.argmin(g.abs()))
-    spec = {i: s(one([1.0]), edges, g[i:i + 1]).total for i in (k - 1, k, k + 1)}
-    a, b = 0.05 / (4 * float(g[k] - g[k - 1])), 0.05 / (4 * float(g[k + 1] - g[k]))
-    blend = (1 - a - b) * spec[k] + a * spec[k - 1] + b * spec[k + 1]
-    torch.testing.assert_close(smooth(one([1.0]), edges, g[k:k + 1]).total, blend, rtol=1e-10, atol=0)
-    logz = one([0.01]).requires_grad_(True)
-    (grad,) = torch.autograd.grad(smooth(one([1.0]), edges, logz).total.sum(), logz)
-    assert torch.isfinite(grad).all()
 
 
 def test_young_old_split(synth):
