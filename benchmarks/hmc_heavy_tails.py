@@ -1,6 +1,6 @@
 """Batched HMC on a heavy-tailed prior: Student-t sites in their prior-quantile coordinates vs the identity.
 
-The model is the one of ``tests/infer/test_hmc.py::ratio_model``: per galaxy three log
+The model is ``tests/models.py::ratio_model`` (also the CI test's): per galaxy three log
 SFR ratios with the continuity prior StudentT(2, 0, 0.3), of which the data (sd 0.1)
 constrain the first; the other two keep their prior, as the ratios of SFH bins that a
 spectrum leaves empty. Every galaxy is sampled by one chain of batched HMC
@@ -17,13 +17,13 @@ median bulk ESS of the free ratios over the galaxies, the pooled fractions of
 from __future__ import annotations
 
 import argparse
+import pathlib
 import platform
+import sys
 import time
 
 import arviz as az
 import numpy as np
-import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 
@@ -31,15 +31,10 @@ from sedppl.data import Observation
 from sedppl.infer.hmc import sample_hmc
 from sedppl.infer.potential import BatchedPotential, UnconstrainedCoordinates
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from tests.models import ratio_model  # noqa: E402
+
 QUANTILES = ((0.8165, 0.5), (1.8856, 0.2), (4.3027, 0.05), (9.9248, 0.01))  # |t_2| beyond c with probability p
-
-
-def ratio_model(obs=None, n_galaxies=1):
-    n = n_galaxies if obs is None else obs.band_flux.shape[0]
-    with pyro.plate("galaxies", n):
-        r = pyro.sample("log_sfr_ratio", dist.StudentT(2.0, 0.0, 0.3).expand([3]).to_event(1))
-        pyro.sample("photometry", dist.Normal(r[:, :1], 0.1).to_event(1),
-                    obs=None if obs is None else obs.band_flux)
 
 
 def main() -> None:

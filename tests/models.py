@@ -61,3 +61,14 @@ def sbc_simulations(model: DelayedTau, n: int, seed: int, snr_reference: float =
     obs = Observation(redshift=z, bands=model.bands, band_flux=tr.nodes["photometry"]["value"].detach(),
                       band_ivar=ivar)
     return obs, truth
+
+
+def ratio_model(obs=None, n_galaxies=1):
+    """Three log SFR ratios with the continuity prior StudentT(2, 0, 0.3) per galaxy; the data (one 'band',
+    sd 0.1) constrain the first only, so the other two keep their prior: heavy tails, as the ratios of the
+    SFH bins a spectrum leaves empty."""
+    n = n_galaxies if obs is None else obs.band_flux.shape[0]
+    with pyro.plate("galaxies", n):
+        r = pyro.sample("log_sfr_ratio", dist.StudentT(2.0, 0.0, 0.3).expand([3]).to_event(1))
+        pyro.sample("photometry", dist.Normal(r[:, :1], 0.1).to_event(1),
+                    obs=None if obs is None else obs.band_flux)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 W_MAX = 5.5
 W_TORCH_MAX = 35.0
+T_TORCH_MAX = 1e30
 
 
 def t_from_normal(w: np.ndarray, df: float) -> np.ndarray:
@@ -60,10 +61,11 @@ class _StudentQuantile(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: Tensor, df: float) -> Tensor:
-        # |w| <= 35 keeps t finite in float64 (Phi(-35) ~ 1e-268; t ~ 1e134 for df = 2): an optimiser's or a
-        # leapfrog's wild step then meets a finite, vanishingly small density instead of an infinite parameter
+        # |w| <= 35 keeps t finite in float64 (Phi(-35) ~ 1e-268; t ~ 1e134 for df = 2), and |t| <= 1e30 keeps
+        # it finite when a float32 model gets it: an optimiser's or a leapfrog's wild step then meets a finite,
+        # vanishingly small density instead of an infinite parameter (which stops the model with an error)
         wn = np.clip(w.detach().double().cpu().numpy(), -W_TORCH_MAX, W_TORCH_MAX)
-        out = torch.as_tensor(t_from_normal(wn, df), dtype=w.dtype)
+        out = torch.as_tensor(np.clip(t_from_normal(wn, df), -T_TORCH_MAX, T_TORCH_MAX), dtype=w.dtype)
         ctx.save_for_backward(w, out)
         ctx.df = df
         return out
@@ -128,8 +130,8 @@ class Whitener:
 
 class StudentTQuantiles(torch.distributions.transforms.Transform):
     """x = mu + sd * F_t^-1(Phi(w)): standard-normal coordinates w -> a Student-t variable x,
-    differentiable in w (any floating dtype); |w| is clipped at 35 only, where the prior density is
-    e^-612, so that x stays finite in float64.
+    differentiable in w (any floating dtype); |w| is clipped at 35 and the standard t at +-1e30 (far
+    beyond any density that matters) so that x stays finite in float64, and in float32 for |sd| < 1e8.
 
     A ``torch.distributions`` transform of real support, so it can stand wherever
     ``biject_to(constraints.real)`` does (:class:`sedppl.infer.potential.UnconstrainedCoordinates`).
