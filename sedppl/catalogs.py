@@ -36,7 +36,7 @@ def _column(table, name: str, path: Path) -> np.ndarray:
 def read_photometry_catalog(path: str | Path, bands: list[str], flux_columns: list[str],
                             error_columns: list[str], unit: str = "nanomaggies",
                             redshift_column: str | None = None, id_column: str | None = None,
-                            format: str | None = None) -> Observation:
+                            format: str | None = None, ebv_column: str | None = None) -> Observation:
     """Read band fluxes or magnitudes with errors from a table file.
 
     Arguments:
@@ -47,16 +47,21 @@ def read_photometry_catalog(path: str | Path, bands: list[str], flux_columns: li
         redshift_column: Column of (spectroscopic) redshifts; None to leave z free.
         id_column: Column of names for the galaxies.
         format: astropy's format string when the suffix does not tell it.
+        ebv_column: Column of Milky Way E(B-V) (mag, e.g. SFD 1998) per galaxy: the fluxes
+            are corrected for Galactic extinction (:func:`sedppl.extinction.deredden`).
+            None: the fluxes are taken as already corrected.
 
     Returns:
         :class:`Observation` with ``band_flux`` (N, K) in nanomaggies and ``band_ivar``
-        (N, K) in nmgy^-2 (0 for missing values).
+        (N, K) in nmgy^-2 (0 for missing values), dereddened when ``ebv_column`` is given.
 
     Raises:
         CatalogError: unreadable file, missing columns, unknown unit or filter,
-            lengths that do not match.
+            lengths that do not match, E(B-V) missing or negative.
     """
     from astropy.table import Table
+
+    from .extinction import deredden
 
     path = Path(path)
     if unit not in UNITS:
@@ -95,5 +100,13 @@ def read_photometry_catalog(path: str | Path, bands: list[str], flux_columns: li
             raise CatalogError(f"{path}: redshift column {redshift_column!r} has missing or negative values "
                                f"(rows {bad.tolist()})")
     names = [str(v) for v in table[id_column]] if id_column else [f"row{i}" for i in range(len(table))]
-    return Observation(redshift=z, bands=list(bands), band_flux=flux.astype(np.float32),
-                       band_ivar=ivar.astype(np.float32), name=names)
+    obs = Observation(redshift=z, bands=list(bands), band_flux=flux.astype(np.float32),
+                      band_ivar=ivar.astype(np.float32), name=names)
+    if ebv_column is not None:
+        ebv = _column(table, ebv_column, path)
+        if not np.all(np.isfinite(ebv)) or np.any(ebv < 0):
+            bad = np.flatnonzero(~np.isfinite(ebv) | (ebv < 0))[:5]
+            raise CatalogError(f"{path}: E(B-V) column {ebv_column!r} has missing or negative values "
+                               f"(rows {bad.tolist()})")
+        obs = deredden(obs, ebv)
+    return obs

@@ -272,8 +272,16 @@ def _read_input(args: argparse.Namespace, model):
     if args.bands is not None:
         catalog = dict(bands=split(args.bands), flux_columns=split(args.flux_columns) or [],
                        error_columns=split(args.error_columns) or [], unit=args.unit,
-                       redshift_column=args.z_column, id_column=args.id_column)
-    return read_input(args.input, model, catalog=catalog, out=args.out)
+                       redshift_column=args.z_column, id_column=args.id_column, ebv_column=args.ebv_column)
+    elif args.ebv_column is not None:
+        raise ValueError("--ebv-column names a catalog column: give it with --bands, --flux-columns, --error-columns")
+    ebv = None
+    if args.ebv is not None:
+        try:
+            ebv = [float(v) for v in split(args.ebv)]
+        except ValueError as err:
+            raise ValueError(f"--ebv takes numbers (mag), comma-separated: {args.ebv!r}") from err
+    return read_input(args.input, model, catalog=catalog, out=args.out, ebv=ebv)
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -486,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--unit", default="nanomaggies", help="catalog: nanomaggies, microjansky or ab_mag")
     f.add_argument("--z-column", default=None, help="catalog: redshift column")
     f.add_argument("--id-column", default=None, help="catalog: galaxy name column")
+    _ebv_arguments(f)
     f.set_defaults(func=_fit)
     c = sub.add_parser("compare", help="amortized (NPE) vs NUTS posterior of one galaxy: shifts, widths, "
                                        "classifier test, overlay plot")
@@ -505,10 +514,20 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--bands", "--flux-columns", "--error-columns", "--z-column", "--id-column"):
         c.add_argument(flag, default=None, help="catalog columns, as for fit")
     c.add_argument("--unit", default="nanomaggies", help="catalog: nanomaggies, microjansky or ab_mag")
+    _ebv_arguments(c)
     c.set_defaults(func=_compare)
     i = sub.add_parser("info", help="the SSP grid and the filters available")
     i.set_defaults(func=_info)
     return p
+
+
+def _ebv_arguments(p: argparse.ArgumentParser) -> None:
+    """--ebv and --ebv-column: the Milky Way foreground extinction of the input."""
+    p.add_argument("--ebv", default=None, metavar="E[,E,...]",
+                   help="Milky Way E(B-V) in mag (e.g. from the SFD 1998 map): one value for every galaxy or one per "
+                        "galaxy, comma-separated; data are corrected for it (CCM89 + O'Donnell 94, R_V 3.1). DESI "
+                        "coadds are corrected with their FIBERMAP's EBV unless this is given; SDSS files carry none")
+    p.add_argument("--ebv-column", default=None, help="catalog: column of Milky Way E(B-V) (mag) to correct for")
 
 
 def main(argv: list[str] | None = None) -> int:

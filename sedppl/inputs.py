@@ -38,7 +38,8 @@ def file_kind(path: Path) -> str:
     return "table"
 
 
-def read_input(path: str | Path | list, model, catalog: dict | None = None, out: str | Path | None = None):
+def read_input(path: str | Path | list, model, catalog: dict | None = None, out: str | Path | None = None,
+               ebv: float | list[float] | None = None):
     """(Observation, truths or None) from any file ``sedppl fit`` takes, or from several.
 
     Arguments:
@@ -50,25 +51,55 @@ def read_input(path: str | Path | list, model, catalog: dict | None = None, out:
         catalog: Keyword arguments of :func:`sedppl.catalogs.read_photometry_catalog`
             (bands, flux_columns, error_columns, unit, redshift_column, id_column).
         out: Folder for ``redshifts.ecsv`` when redshifts are measured.
+        ebv: Milky Way E(B-V) (mag), one value for every galaxy or one per galaxy in
+            batch order: the data are corrected for Galactic extinction
+            (:func:`sedppl.extinction.deredden`). It replaces the E(B-V) a DESI FIBERMAP
+            carries (used otherwise); SDSS spec files and mocks carry none. For a catalog's
+            own column, give ``catalog["ebv_column"]`` instead.
 
     Returns:
         (batch :class:`Observation`, {site: (N,) true values} for mocks or None).
+
+    Raises:
+        ValueError: ``ebv`` negative, not finite, of the wrong length, or given together
+            with a catalog E(B-V) column.
     """
-    if isinstance(path, (list, tuple)):
-        if len(path) == 1:
-            return read_input(path[0], model, catalog, out)
+    if ebv is not None and catalog is not None and catalog.get("ebv_column"):
+        raise ValueError("give E(B-V) either as values (--ebv) or as a catalog column (--ebv-column), not both")
+    fibermap = ebv is None
+    if isinstance(path, (list, tuple)) and len(path) > 1:
         rows: list = []
-        parts = [_read_one(p, model, catalog, rows) for p in path]
+        parts = [_read_one(p, model, catalog, rows, fibermap_ebv=fibermap) for p in path]
         if rows and out is not None:
             _write_redshifts(rows, out)
         truths = [t for _, t in parts]
         truth = None if any(t is None for t in truths) else \
             {k: np.concatenate([t[k] for t in truths]) for k in truths[0] if all(k in t for t in truths)}
-        return Observation.concat([o for o, _ in parts]), truth
-    return _read_one(path, model, catalog, None, out)
+        obs = Observation.concat([o for o, _ in parts])
+    else:
+        path = path[0] if isinstance(path, (list, tuple)) else path
+        obs, truth = _read_one(path, model, catalog, None, out, fibermap_ebv=fibermap)
+    if ebv is not None:
+        obs = _deredden_batch(obs, ebv)
+    return obs, truth
 
 
-def _read_one(path, model, catalog, redshift_rows, out=None):
+def _deredden_batch(obs: Observation, ebv) -> Observation:
+    """``obs`` corrected for E(B-V) given as one value or one per galaxy (checked)."""
+    n = obs.n_galaxies
+    values = np.atleast_1d(np.asarray(ebv, dtype=float))
+    if values.ndim != 1 or len(values) not in (1, n):
+        raise ValueError(f"--ebv: {values.size} values of E(B-V) for {n} galaxies; give one for all or one each")
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError(f"--ebv: E(B-V) must be finite and >= 0 mag, got {values.tolist()}")
+    print(f"[sedppl] correcting for Milky Way extinction, E(B-V) = "
+          f"{values[0]:.3f}" + (f" ... {values[-1]:.3f} ({n} galaxies)" if len(values) > 1 else " (every galaxy)"))
+    per = np.broadcast_to(values, (n,)).copy()
+    batched = (obs.flux if obs.has_spectrum else obs.band_flux).ndim == 2
+    return deredden(obs, per if batched else float(per[0]))
+
+
+def _read_one(path, model, catalog, redshift_rows, out=None, fibermap_ebv=True):
     """(Observation, truths or None) of one file; measured redshifts to ``redshift_rows`` or ``out``."""
     from .catalogs import read_photometry_catalog
     from .mocks import read_mocks
@@ -83,16 +114,17 @@ def _read_one(path, model, catalog, redshift_rows, out=None):
         mock = read_mocks(path)
         return mock.obs, {k: v.numpy() for k, v in mock.truth.items()}
     if kind in ("sdss", "desi"):
-        return read_spectra(path, kind, model, out, redshift_rows), None
+        return read_spectra(path, kind, model, out, redshift_rows, fibermap_ebv), None
     raise ValueError(f"{path} is not a sedppl mock, SDSS spec or DESI coadd file; for a catalog give --bands, "
                      "--flux-columns and --error-columns (and --z-column)")
 
 
 def read_spectra(path: Path, kind: str, model, out: str | Path | None = None,
-                 redshift_rows: list | None = None) -> Observation:
+                 redshift_rows: list | None = None, fibermap_ebv: bool = True) -> Observation:
     """A survey spectrum file ('sdss' or 'desi') as a batch :class:`Observation` on ``model``'s grid.
 
-    DESI spectra are corrected for Galactic extinction with the FIBERMAP's E(B-V);
+    DESI spectra are corrected for Galactic extinction with the FIBERMAP's E(B-V)
+    (unless ``fibermap_ebv`` is False: the caller corrects with its own values);
     photometry in other bands than the model's is dropped (the spectrum is fitted
     alone, with a warning); a spectrum on another grid is rebinned onto the model's
     (information-conserving); missing redshifts are measured
@@ -106,7 +138,7 @@ def read_spectra(path: Path, kind: str, model, out: str | Path | None = None,
     spec = read_sdss_spectrum(path) if kind == "sdss" else read_desi_coadd(path)
     obs = spec.obs
     names = obs.name if isinstance(obs.name, list) else [obs.name]
-    if kind == "desi" and spec.meta.get("ebv") is not None:
+    if kind == "desi" and fibermap_ebv and spec.meta.get("ebv") is not None:
         obs = deredden(obs, np.asarray(spec.meta["ebv"], dtype=float))
     if obs.has_photometry and list(obs.bands) != list(model.bands):
         warnings.warn(f"{path.name}: photometry in {obs.bands}, the model has {model.bands}: fitting the spectrum "

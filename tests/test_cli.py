@@ -200,3 +200,44 @@ def test_train_vae_through_the_entry_point(tmp_path):
     assert run("simulate", "--model", "phot", "--n", "3", "--z", "0.1", "--out", str(phot)).returncode == 0
     r = run("train", "vae", "--model", "specphot", "--spectra", str(phot), "--out", str(tmp_path / "v2"))
     assert r.returncode == 2 and "spectra" in r.stderr
+
+
+def test_fit_a_catalog_with_milky_way_extinction(tmp_path):
+    """Mock ugriz fluxes reddened by E(B-V) = 0.15, fitted with --ebv-column (or --ebv 0.15), give the
+    unreddened mocks' table (same seed: medians of log M* and tau_ism within 0.01); left uncorrected,
+    the fit puts the Galaxy's dust into tau_ism (median up by ~A_V / 1.086)."""
+    import torch
+
+    from sedppl.extinction import deredden
+    from sedppl.mocks import read_mocks
+
+    mocks = tmp_path / "m.fits"
+    assert run("simulate", "--model", "phot", "--n", "6", "--z", "0.08", "--seed", "4", "--out", str(mocks)).returncode == 0
+    obs = read_mocks(mocks).obs
+    boost = (deredden(obs, torch.full((6,), 0.15)).band_flux / obs.band_flux).numpy()
+    flux, err = obs.band_flux.numpy(), obs.band_ivar.numpy() ** -0.5
+    bands = ",".join(obs.bands)
+    for name, scale, ebv in (("clean", 1.0, 0.0), ("red", 1 / boost, 0.15)):
+        Table({f"f{k}": flux[:, k] * scale[:, k] if name == "red" else flux[:, k] for k in range(5)}
+              | {f"e{k}": err[:, k] * scale[:, k] if name == "red" else err[:, k] for k in range(5)}
+              | {"z": obs.redshift.numpy(), "ebv": np.full(6, ebv)}).write(tmp_path / f"{name}.ecsv")
+    cols = ["--bands", bands, "--flux-columns", ",".join(f"f{k}" for k in range(5)),
+            "--error-columns", ",".join(f"e{k}" for k in range(5)), "--z-column", "z",
+            "--model", "phot", "--draws", "300", "--no-draws"]
+    tables = {}
+    for tag, src, extra in (("clean", "clean", []), ("column", "red", ["--ebv-column", "ebv"]),
+                            ("value", "red", ["--ebv", "0.15"]), ("none", "red", [])):
+        r = run("fit", str(tmp_path / f"{src}.ecsv"), *cols, *extra, "--out", str(tmp_path / tag))
+        assert r.returncode in (0, 3), r.stderr
+        tables[tag] = Table.read(tmp_path / tag / "summary.fits")
+    for tag in ("column", "value"):
+        np.testing.assert_allclose(tables[tag]["log_stellar_mass_p50"], tables["clean"]["log_stellar_mass_p50"],
+                                   atol=0.01)
+        np.testing.assert_allclose(tables[tag]["tau_ism_p50"], tables["clean"]["tau_ism_p50"], atol=0.01)
+    shift = np.median(tables["none"]["tau_ism_p50"] - tables["clean"]["tau_ism_p50"])
+    # A_V = 3.1 x 0.15 = 0.47 mag is tau_V = 0.43, which the fit takes as the galaxy's own ISM dust
+    assert 0.2 < shift < 0.7
+    r = run("fit", str(tmp_path / "red.ecsv"), *cols, "--ebv", "0.1,0.2", "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "2 values of E(B-V) for 6 galaxies" in r.stderr
+    r = run("fit", str(mocks), "--ebv-column", "ebv", "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "--ebv-column names a catalog column" in r.stderr

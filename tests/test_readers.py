@@ -131,3 +131,30 @@ def test_desi_targets_and_errors(tmp_path):
     trunc.write_bytes((DESI / "coadd-sv3-dark-26065.fits").read_bytes()[:500_000])
     with pytest.raises(SpectrumFileError, match="cut.fits"):
         read_desi_coadd(trunc)
+
+
+def test_user_ebv_dereddens_a_spectrum_file(tmp_path):
+    """``read_input(..., ebv=E)`` multiplies the spectrum by 10^(0.4 R_V E A(lambda)/A_V) and its ivar
+    by the inverse square (S/N unchanged); one value per galaxy or one for all; bad values are named."""
+    import torch
+
+    from sedppl.extinction import extinction_curve
+    from sedppl.inputs import read_input
+    from sedppl.zoo import SpecPhotModel
+
+    model = SpecPhotModel()
+    path = SPECTRA / "NGC3073_SDSS_DR18.fits"
+    raw, _ = read_input(path, model, out=tmp_path)
+    obs, _ = read_input([path], model, out=tmp_path, ebv=[0.05])
+    boost = 10 ** (0.4 * 3.1 * 0.05 * extinction_curve(raw.wave))
+    ok = raw.ivar[0] > 0
+    torch.testing.assert_close(obs.flux[0][ok].double(), (raw.flux[0] * boost)[ok].double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close((obs.flux**2 * obs.ivar)[0][ok], (raw.flux**2 * raw.ivar)[0][ok], rtol=1e-4, atol=0)
+    # at 4000 A the boost is 10^(0.4 x 0.05 x 4.4) ~ 1.22 (A(4000)/E(B-V) ~ 4.4 for R_V = 3.1)
+    assert 1.19 < float(boost[torch.argmin((raw.wave - 4000).abs())]) < 1.25
+    with pytest.raises(ValueError, match="2 values of E\\(B-V\\) for 1 galaxies"):
+        read_input(path, model, out=tmp_path, ebv=[0.05, 0.02])
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        read_input(path, model, out=tmp_path, ebv=-0.01)
+    with pytest.raises(ValueError, match="not both"):
+        read_input(path, model, catalog={"ebv_column": "EBV"}, ebv=0.01)
