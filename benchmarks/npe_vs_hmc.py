@@ -14,7 +14,10 @@ potential for a single galaxy (what Pyro's NUTS pays per leapfrog step) against
 the cost per galaxy inside the batch.
 
     python benchmarks/npe_vs_hmc.py [--model phot] [--n 20] [--chains 2] [--warmup 300] [--draws 300]
-                                    [--neutra] [--max-steps 32] [--seed 11] [--threads 2]
+                                    [--neutra] [--sampler hmc|smc] [--max-steps 32] [--seed 11] [--threads 2]
+
+With ``--sampler smc`` the reference is tempered SMC (:mod:`sedppl.infer.smc`):
+``--chains`` independent runs of ``--draws`` particles per galaxy (no warmup).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from sedppl.diagnostics import compare_posteriors
 from sedppl.infer.hmc import run_hmc
 from sedppl.infer.potential import BatchedPotential
+from sedppl.infer.smc import run_smc
 from sedppl.mocks import make_mocks
 from sedppl.posteriors import load_shipped
 
@@ -65,6 +69,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--draws", type=int, default=300)
     ap.add_argument("--neutra", action="store_true")
+    ap.add_argument("--sampler", choices=["hmc", "smc"], default="hmc",
+                    help="reference sampler: batched HMC, or tempered SMC (--chains runs x --draws particles)")
     ap.add_argument("--max-steps", type=int, default=32)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
@@ -84,19 +90,31 @@ def main() -> None:
     print(f"gradient of the potential: 1 galaxy {one * 1e3:.1f} ms; {b} targets in one batch {many * 1e3:.1f} ms "
           f"= {many / b * 1e3:.2f} ms a target (batching gain {one * b / many:.1f}x)")
     t = time.perf_counter()
-    idata = run_hmc(model, obs=mock.obs, num_samples=args.draws, warmup_steps=args.warmup, num_chains=args.chains,
-                    seed=args.seed, posterior=post if args.neutra else None, max_steps=args.max_steps,
-                    progress=False)
+    if args.sampler == "smc":
+        idata = run_smc(model, obs=mock.obs, num_particles=args.draws, num_runs=args.chains, seed=args.seed,
+                        max_steps=args.max_steps, progress=False)
+    else:
+        idata = run_hmc(model, obs=mock.obs, num_samples=args.draws, warmup_steps=args.warmup,
+                        num_chains=args.chains, seed=args.seed, posterior=post if args.neutra else None,
+                        max_steps=args.max_steps, progress=False)
     wall = time.perf_counter() - t
     import arviz as az
 
     ss = idata.sample_stats
     n_grad = int(ss["n_steps"].sum())
     summ = az.summary(idata, var_names=list(post.space.names) + ["log_stellar_mass"], kind="diagnostics")
-    print(f"HMC ({'flow coordinates' if args.neutra else 'unconstrained, Laplace start'}): {args.n} galaxies x "
-          f"{args.chains} chains x ({args.warmup} + {args.draws}): wall {wall:.0f} s, {n_grad / ss['n_steps'].size:.1f} "
-          f"gradients a draw (sampling), step size median {float(ss['step_size'].median()):.3f}, "
-          f"divergences {int(ss['diverging'].sum())}")
+    if args.sampler == "smc":
+        log_z = idata.smc.log_evidence.values
+        print(f"SMC: {args.n} galaxies x {args.chains} runs x {args.draws} particles: wall {wall:.0f} s, "
+              f"{int(ss['n_steps'].max())} gradients a particle, tempering steps "
+              f"{int(idata.smc.stages.min())}-{int(idata.smc.stages.max())}; log Z spread between runs "
+              f"(median, max) {np.median(log_z.std(0, ddof=1)):.2f}, {log_z.std(0, ddof=1).max():.2f} nats")
+    else:
+            print(f"HMC ({'flow coordinates' if args.neutra else 'unconstrained, Laplace start'}): {args.n} galaxies x "
+              f"{args.chains} chains x ({args.warmup} + {args.draws}): wall {wall:.0f} s, "
+              f"{n_grad / ss['n_steps'].size:.1f} gradients a draw (sampling), step size median "
+              f"{float(ss['step_size'].median()):.3f}, "
+              f"divergences {int(ss['diverging'].sum())}")
     print(f"  R-hat max {summ['r_hat'].max():.3f}; bulk ESS min {summ['ess_bulk'].min():.0f}, median "
           f"{summ['ess_bulk'].median():.0f}; bulk ESS per second per galaxy (median) "
           f"{summ['ess_bulk'].median() / wall:.3f} (all galaxies together: {summ['ess_bulk'].median() * args.n / wall:.2f})")

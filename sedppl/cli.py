@@ -7,7 +7,7 @@
                                                  train (or resume) an amortized posterior, then calibrate it
     sedppl train vae --spectra FILE [--n-latent K] [--no-residual] [--max-epochs E] [--out FILE]
                                                  train (or resume) a VAE whose decoder is the SED model
-    sedppl fit INPUT [INPUT ...] [--method npe|hmc|nuts] [--model phot|specphot] [--posterior FILE] [--out DIR]
+    sedppl fit INPUT [INPUT ...] [--method npe|hmc|smc|nuts] [--model phot|specphot] [--posterior FILE] [--out DIR]
                                                  posteriors for every galaxy of mock files, SDSS/DESI
                                                  spectrum files, or a catalog
     sedppl compare INPUT [--galaxy I] [--model phot|specphot]
@@ -17,7 +17,7 @@
 Exit codes: 0 success, 2 bad arguments or input (with a message naming the problem),
 3 success, but some galaxies lie outside the posterior's training distribution or
   fail the posterior-predictive check (chi2/dof > 3),
-4 success, but MCMC (hmc, nuts) did not converge for some galaxies (R-hat > 1.01, bulk ESS < 100 or divergences).
+4 success, but MCMC (hmc, smc, nuts) did not converge for some galaxies (R-hat > 1.01, bulk ESS < 100 or divergences).
 """
 
 from __future__ import annotations
@@ -289,11 +289,11 @@ def _fit(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .fitting import fit_catalog, fit_hmc, fit_nuts
+    from .fitting import fit_catalog, fit_hmc, fit_nuts, fit_smc
     from .infer.ensemble import load_posterior
     from .posteriors import load_shipped
 
-    chunk = args.chunk if args.chunk is not None else 20 if args.method == "hmc" else 500
+    chunk = args.chunk if args.chunk is not None else 20 if args.method in ("hmc", "smc") else 500
     if args.draws < 10 or chunk < 1:
         raise ValueError("--draws must be >= 10 and --chunk >= 1")
     if args.importance and (args.method != "npe" or args.importance < 100):
@@ -301,25 +301,31 @@ def _fit(args: argparse.Namespace) -> int:
     model = _zoo_model(args.model, args.sps)
     obs, truth = _read_input(args, model)
     t0 = time.time()
-    if args.method in ("nuts", "hmc"):
+    if args.method in ("nuts", "hmc", "smc"):
         common = dict(num_samples=args.draws, warmup_steps=args.warmup, num_chains=args.chains, seed=args.seed,
                       save_draws=not args.no_draws, plots=args.plots, truth=truth)
         if args.method == "nuts":
             table = fit_nuts(obs, model, args.out, max_tree_depth=args.max_tree_depth, **common)
+        elif args.method == "smc":
+            dtype = torch.float64 if obs.has_spectrum else torch.float32
+            table = fit_smc(obs, model, args.out, num_particles=args.draws, num_runs=args.chains, chunk=chunk,
+                            seed=args.seed, save_draws=not args.no_draws, plots=args.plots, truth=truth, dtype=dtype,
+                            moves=args.moves, max_steps=args.max_steps or 32)
         else:  # starts from the amortized posterior's best draws; spectra in double precision
             post = load_posterior(args.posterior, model) if args.posterior else load_shipped(args.model, model)
             dtype = torch.float64 if obs.has_spectrum else torch.float32
             table = fit_hmc(obs, model, args.out, chunk=chunk, posterior=post, neutra=False, dtype=dtype,
-                            max_steps=args.max_steps, **common)
+                            max_steps=args.max_steps or 128, **common)
         # the thresholds of sedppl.infer.nuts.check_convergence; with one chain R-hat is NaN and ESS decides
         bad = int(((table["rhat_max"] > 1.01) | (table["ess_bulk_min"] < 100) | (table["divergences"] > 0)).sum())
         print(f"[sedppl] {len(table)} galaxies fitted with {args.method.upper()} in {time.time() - t0:.1f} s "
-              f"({args.chains} chains x "
-              f"{args.draws} draws); median chi2/dof {np.nanmedian(table['chi2_dof']):.2f}; "
+              f"({args.chains} {'runs' if args.method == 'smc' else 'chains'} x "
+              f"{args.draws} {'particles' if args.method == 'smc' else 'draws'}); median chi2/dof {np.nanmedian(table['chi2_dof']):.2f}; "
               f"wrote {Path(args.out) / 'summary.ecsv'}")
         if bad:
             print(f"[sedppl] {bad} galaxies with R-hat > 1.01, bulk ESS < 100 or divergences (columns rhat_max, "
-                  "ess_bulk_min, divergences): run longer chains", file=sys.stderr)
+                  "ess_bulk_min, divergences): run longer chains" + (" (smc: more particles)" if
+                                                                    args.method == "smc" else ""), file=sys.stderr)
             return 4
         return 0
     post = load_posterior(args.posterior, model) if args.posterior else load_shipped(args.model, model)
@@ -454,10 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a file from `sedppl simulate`, an SDSS spec-*.fits or DESI coadd-*.fits file "
                         "(use --model specphot), or a photometry catalog (FITS/ECSV/CSV); several files of one "
                         "kind make one batch, galaxies numbered in the order given (e.g. many SDSS spec files)")
-    f.add_argument("--method", choices=["npe", "hmc", "nuts"], default="npe",
+    f.add_argument("--method", choices=["npe", "hmc", "smc", "nuts"], default="npe",
                    help="npe: amortized posterior, milliseconds a galaxy (default); hmc: MCMC, every chain of "
                         "--chunk galaxies in one batched computation, started from the amortized posterior's best "
-                        "draws (spectra in double precision); nuts: Pyro's NUTS, one galaxy at a time")
+                        "draws (spectra in double precision); smc: tempered sequential Monte Carlo from the prior, "
+                        "--chains independent runs of --draws particles (multimodal posteriors; adds the log "
+                        "evidence); nuts: Pyro's NUTS, one galaxy at a time")
     f.add_argument("--model", choices=["phot", "specphot"], default="phot", help="zoo model (default phot)")
     f.add_argument("--posterior", default=None, help="a trained posterior (.safetensors); default: the shipped one")
     f.add_argument("--sps", choices=["exact", "emulated"], default="exact",
@@ -476,8 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--warmup", type=int, default=500, help="hmc, nuts: warmup steps per chain (default 500)")
     f.add_argument("--chains", type=int, default=2, help="hmc, nuts: chains per galaxy (default 2)")
     f.add_argument("--max-tree-depth", type=int, default=8, help="nuts: maximum tree depth (default 8)")
-    f.add_argument("--max-steps", type=int, default=128,
-                   help="hmc: most leapfrog steps a transition (the batch waits for its longest; default 128)")
+    f.add_argument("--max-steps", type=int, default=None,
+                   help="hmc, smc: most leapfrog steps a transition (the batch waits for its longest; default 128 "
+                        "for hmc, 32 for smc)")
+    f.add_argument("--moves", type=int, default=5, help="smc: HMC moves of every particle per tempering step "
+                                                        "(default 5)")
     f.add_argument("--chunk", type=int, default=None,
                    help="galaxies per checkpointed chunk (default 500; hmc: galaxies per batched run, default 20)")
     f.add_argument("--seed", type=int, default=0, help="seed of the draws")

@@ -354,6 +354,35 @@ def fit_hmc(obs: Observation, model, out: str | Path, num_samples: int = 500, wa
                           f"x {num_samples} draws per galaxy, 16/50/84th percentiles; units as in docs/conventions.md")
 
 
+def fit_smc(obs: Observation, model, out: str | Path, num_particles: int = 256, num_runs: int = 2, chunk: int = 20,
+            seed: int = 0, save_draws: bool = True, progress: bool = True, plots: int = 0, truth: dict | None = None,
+            predictive: int = 100, **smc_kwargs):
+    """Fit every galaxy of ``obs`` by tempered SMC (:func:`sedppl.infer.smc.run_smc`), ``chunk`` galaxies
+    per computation, resumably (files and columns as :func:`fit_hmc`, whose chains are SMC's
+    independent runs here), plus ``log_evidence`` (nats, mean over the runs) and ``log_evidence_sd``
+    (their standard deviation).
+
+    Arguments:
+        num_particles, num_runs: Particles per run (the draws of each run) and independent runs per galaxy.
+        predictive: Particles per run whose model data are kept (for chi2/dof and the plots).
+        **smc_kwargs: Passed on to :func:`sedppl.infer.smc.run_smc` (e.g. ``dtype``, ``moves``, ``max_steps``).
+        Others: as :func:`fit_hmc`.
+
+    Returns:
+        The summary table (astropy ``Table``).
+    """
+    from .infer.smc import run_smc
+
+    def run(part, i):
+        return run_smc(model, obs=part, num_particles=num_particles, num_runs=num_runs, seed=seed + i,
+                       progress=progress, predictive=predictive, **smc_kwargs)
+
+    tables = _fit_mcmc(obs, model, Path(out), chunk, run, "smc", "SMC", progress, plots, truth, save_draws)
+    return _write_summary(tables, Path(out), f"sedppl fit --method smc: {type(model).__name__}, {num_runs} runs "
+                          f"x {num_particles} particles per galaxy, 16/50/84th percentiles; log_evidence in nats; "
+                          "units as in docs/conventions.md")
+
+
 def _fit_mcmc(obs: Observation, model, out: Path, chunk: int, run, stem: str, engine: str, progress: bool,
               plots: int, truth, save_draws: bool) -> list:
     """Summary tables of ``run(part, first_galaxy) -> InferenceData`` over chunks of ``obs``, each
@@ -395,6 +424,10 @@ def _write_mcmc(idata, part: Observation, model, out: Path, stem: str, path: Pat
             flags.append(check_convergence(one))
     for key in ("rhat_max", "ess_bulk_min", "divergences"):
         table[key] = [f[key] for f in flags]
+    if "smc" in idata.groups():  # the evidence of each galaxy: mean and spread over the independent runs
+        log_z = idata.smc.log_evidence.values  # (run, galaxy)
+        table["log_evidence"] = log_z.mean(0)
+        table["log_evidence_sd"] = log_z.std(0, ddof=1) if log_z.shape[0] > 1 else np.full(g, np.nan)
     if save_draws:
         nc = out / "chunks" / f"{stem}.nc"
         idata.to_netcdf(str(nc) + ".tmp")
