@@ -217,7 +217,8 @@ def sample_smc(potential: BatchedPotential, num_particles: int, ess_target: floa
         ll = torch.where(torch.isnan(ll), torch.full_like(ll, -math.inf), ll)
         n_grad += steps
         bar.n = int(1000 * float(beta.min()))
-        bar.set_postfix(stage=len(betas), accept=f"{float(acc_t.mean()):.2f}", step=f"{float(eps_t.median()):.3g}")
+        bar.set_postfix(stage=len(betas), beta_min=f"{float(beta.min()):.2e}", accept=f"{float(acc_t.mean()):.2f}",
+                        step=f"{float(eps_t.median()):.3g}")
         bar.refresh()
     bar.close()
     return {"u": u.reshape(p, t, d), "potential": pot.reshape(p, t), "log_evidence": log_z, "stages": stages,
