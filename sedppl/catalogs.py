@@ -33,6 +33,15 @@ def _column(table, name: str, path: Path) -> np.ndarray:
     return values
 
 
+def _non_negative_column(table, name: str, path: Path, what: str) -> np.ndarray:
+    """A column that must be finite and >= 0 everywhere (redshift, E(B-V)); the first bad rows are named."""
+    values = _column(table, name, path)
+    bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
+    if bad.size:
+        raise CatalogError(f"{path}: {what} column {name!r} has missing or negative values (rows {bad[:5].tolist()})")
+    return values
+
+
 def read_photometry_catalog(path: str | Path, bands: list[str], flux_columns: list[str],
                             error_columns: list[str], unit: str = "nanomaggies",
                             redshift_column: str | None = None, id_column: str | None = None,
@@ -94,19 +103,10 @@ def read_photometry_catalog(path: str | Path, bands: list[str], flux_columns: li
     ivar[ok] = 1 / sigma[ok] ** 2
     z = None
     if redshift_column is not None:
-        z = _column(table, redshift_column, path)
-        if not np.all(np.isfinite(z)) or np.any(z < 0):
-            bad = np.flatnonzero(~np.isfinite(z) | (z < 0))[:5]
-            raise CatalogError(f"{path}: redshift column {redshift_column!r} has missing or negative values "
-                               f"(rows {bad.tolist()})")
+        z = _non_negative_column(table, redshift_column, path, "redshift")
     names = [str(v) for v in table[id_column]] if id_column else [f"row{i}" for i in range(len(table))]
     obs = Observation(redshift=z, bands=list(bands), band_flux=flux.astype(np.float32),
                       band_ivar=ivar.astype(np.float32), name=names)
     if ebv_column is not None:
-        ebv = _column(table, ebv_column, path)
-        if not np.all(np.isfinite(ebv)) or np.any(ebv < 0):
-            bad = np.flatnonzero(~np.isfinite(ebv) | (ebv < 0))[:5]
-            raise CatalogError(f"{path}: E(B-V) column {ebv_column!r} has missing or negative values "
-                               f"(rows {bad.tolist()})")
-        obs = deredden(obs, ebv)
+        obs = deredden(obs, _non_negative_column(table, ebv_column, path, "E(B-V)"))
     return obs
