@@ -83,6 +83,67 @@ def _white_grad(chol: Tensor, grad: Tensor) -> Tensor:
     return (chol.transpose(-1, -2) @ torch.nan_to_num(grad)[..., None])[..., 0]
 
 
+def hmc_transition(value_and_grad: Callable, u: Tensor, pot: Tensor, grad: Tensor, extra: Tensor | None,
+                   chol: Tensor, eps: Tensor, trajectory_length: float, max_steps: int,
+                   gen: torch.Generator) -> dict:
+    """One static HMC transition of every target, in the coordinates whitened by ``chol``.
+
+    The leapfrog length is ``trajectory_length`` x a uniform 0.5-1.5 jitter / ``eps`` steps
+    (at most ``max_steps``); a target whose potential or gradient turns non-finite stops
+    and is rejected as divergent, as is an energy error above ``DIVERGENCE_ENERGY``.
+
+    Arguments:
+        value_and_grad: u (B, D) -> (U (B,), dU/du (B, D), extra (B,) or None): the potential,
+            its gradient and one more per-target quantity carried with the state (SMC's log
+            likelihood), or None.
+        u, pot, grad, extra: The current state: (B, D), (B,), (B, D), (B,) or None.
+        chol: (B, D, D) Cholesky factors of the inverse mass matrices (u = L w).
+        eps: (B,) leapfrog step sizes in whitened units.
+        trajectory_length, max_steps: Integration time and the cap on leapfrog steps.
+        gen: The random generator (jitter, momenta, acceptance, in that order).
+
+    Returns:
+        {"u", "potential", "grad", "extra": the state after the transition; "accept_prob",
+        "diverging", "n_steps": (B,); "iterations": batched gradient evaluations (int)}.
+    """
+    b, d = u.shape
+    dtype = u.dtype
+    jit = 0.5 + torch.rand(b, generator=gen, dtype=dtype)
+    n_steps = torch.clamp(torch.ceil(trajectory_length * jit / eps), 1, max_steps).long()
+    p = torch.randn(b, d, generator=gen, dtype=dtype)
+    h0 = pot + 0.5 * (p * p).sum(-1)
+    # whitened coordinates: u = L w, so grad_w = L^T grad_u and the kinetic energy is |p|^2 / 2
+    w = _to_white(chol, u)
+    alive = torch.isfinite(pot)
+    w_new, p_new = w.clone(), p - 0.5 * eps[:, None] * _white_grad(chol, grad)
+    pot_new, g_new, x_new = pot.clone(), grad.clone(), None if extra is None else extra.clone()
+    iterations = 0
+    for step in range(int(n_steps.max())):
+        moving = alive & (step < n_steps)
+        if not moving.any():
+            break
+        w_try = torch.where(moving[:, None], w_new + eps[:, None] * p_new, w_new)
+        pot_try, g_try, x_try = value_and_grad(_from_white(chol, w_try))
+        iterations += 1
+        bad = moving & (~torch.isfinite(pot_try) | ~torch.isfinite(g_try).all(-1))
+        alive, moving = alive & ~bad, moving & ~bad
+        last = (step + 1 == n_steps)[:, None]
+        p_try = p_new - torch.where(last, 0.5, 1.0) * eps[:, None] * _white_grad(chol, g_try)
+        m = moving[:, None]
+        w_new, p_new = torch.where(m, w_try, w_new), torch.where(m, p_try, p_new)
+        pot_new, g_new = torch.where(moving, pot_try, pot_new), torch.where(m, g_try, g_new)
+        if x_new is not None:
+            x_new = torch.where(moving, x_try, x_new)
+    delta = pot_new + 0.5 * (p_new * p_new).sum(-1) - h0
+    diverging = ~alive | ~torch.isfinite(delta) | (delta > DIVERGENCE_ENERGY)
+    accept_prob = torch.where(diverging, torch.zeros_like(delta), torch.exp(-delta).clamp(max=1.0))
+    accept = torch.rand(b, generator=gen, dtype=dtype) < accept_prob
+    return {"u": torch.where(accept[:, None], _from_white(chol, w_new), u),
+            "potential": torch.where(accept, pot_new, pot), "grad": torch.where(accept[:, None], g_new, grad),
+            "extra": None if extra is None else torch.where(accept, x_new, extra),
+            "accept_prob": accept_prob, "diverging": diverging, "n_steps": n_steps, "iterations": iterations}
+
+
 class _DualAveraging:
     """Nesterov dual averaging of log step size per target (Hoffman & Gelman 2014, Alg. 5)."""
 
@@ -152,40 +213,10 @@ def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_
     bar = tqdm(total=num_warmup + num_samples, disable=not progress, desc="HMC", unit="it")
     for it in range(num_warmup + num_samples):
         warm = it < num_warmup
-        jit = 0.5 + torch.rand(b, generator=gen, dtype=dtype)
-        n_steps = torch.clamp(torch.ceil(trajectory_length * jit / eps), 1, max_steps).long()
-        p = torch.randn(b, d, generator=gen, dtype=dtype)
-        h0 = pot + 0.5 * (p * p).sum(-1)
-        # whitened coordinates: u = L w, so grad_w = L^T grad_u and the kinetic energy is |p|^2 / 2
-        w = _to_white(chol, u)
-        gw = _white_grad(chol, grad)
-        alive = torch.ones(b, dtype=torch.bool)
-        w_new, p_new, pot_new, g_new = w.clone(), p - 0.5 * eps[:, None] * gw, pot.clone(), grad.clone()
-        for step in range(int(n_steps.max())):
-            moving = alive & (step < n_steps)
-            if not moving.any():
-                break
-            w_try = torch.where(moving[:, None], w_new + eps[:, None] * p_new, w_new)
-            pot_try, g_try = potential.value_and_grad(_from_white(chol, w_try))
-            bad = moving & (~torch.isfinite(pot_try) | ~torch.isfinite(g_try).all(-1))
-            alive = alive & ~bad
-            moving = moving & ~bad
-            gw_try = _white_grad(chol, g_try)
-            last = (step + 1 == n_steps)[:, None]
-            p_try = p_new - torch.where(last, 0.5, 1.0) * eps[:, None] * gw_try
-            m = moving[:, None]
-            w_new = torch.where(m, w_try, w_new)
-            p_new = torch.where(m, p_try, p_new)
-            pot_new = torch.where(moving, pot_try, pot_new)
-            g_new = torch.where(m, g_try, g_new)
-        h1 = pot_new + 0.5 * (p_new * p_new).sum(-1)
-        delta = h1 - h0
-        diverging = ~alive | ~torch.isfinite(delta) | (delta > DIVERGENCE_ENERGY)
-        accept_prob = torch.where(diverging, torch.zeros_like(delta), torch.exp(-delta).clamp(max=1.0))
-        accept = torch.rand(b, generator=gen, dtype=dtype) < accept_prob
-        u = torch.where(accept[:, None], _from_white(chol, w_new), u)
-        pot = torch.where(accept, pot_new, pot)
-        grad = torch.where(accept[:, None], g_new, grad)
+        step_out = hmc_transition(lambda x: (*potential.value_and_grad(x), None), u, pot, grad, None, chol, eps,
+                                  trajectory_length, max_steps, gen)
+        u, pot, grad = step_out["u"], step_out["potential"], step_out["grad"]
+        accept_prob, diverging, n_steps = step_out["accept_prob"], step_out["diverging"], step_out["n_steps"]
         if warm:
             warm_div += diverging.long()
             eps = adapt.update(accept_prob)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .hmc import DIVERGENCE_ENERGY, _from_white, _to_arviz, _to_white, _white_grad
+from .hmc import _to_arviz, hmc_transition
 from .potential import BatchedPotential, physics_dtype
 
 
@@ -101,50 +101,22 @@ def _particle_covariance(u: Tensor, logw: Tensor) -> Tensor:
 
 
 def _hmc_moves(potential, u, beta_b, chol, eps_t, p, t, moves, trajectory_length, max_steps, gen):
-    """``moves`` HMC transitions of every particle (P * T rows) leaving pi_beta invariant.
+    """``moves`` HMC transitions of every particle (P * T rows) leaving pi_beta invariant, the step
+    size of each target adapted towards a mean acceptance of 0.75 after each.
 
-    Returns (u, U, log L, mean acceptance per target (T,) of the last move, leapfrog steps taken)."""
-    b, d = u.shape
+    Returns (u, U, log L, mean acceptance per target (T,) of the last move, step sizes (T,),
+    batched gradient evaluations)."""
     pot, grad, ll = _tempered(potential, u, beta_b)
-    eps = eps_t.repeat(p)
-    steps_taken = 0
+    evaluations = 0
     acc_t = torch.zeros(t, dtype=u.dtype)
     for _ in range(moves):
-        n_steps = torch.clamp(torch.ceil(trajectory_length * (0.5 + torch.rand(b, generator=gen, dtype=u.dtype))
-                                         / eps), 1, max_steps).long()
-        mom = torch.randn(b, d, generator=gen, dtype=u.dtype)
-        h0 = pot + 0.5 * (mom * mom).sum(-1)
-        w = _to_white(chol, u)
-        alive = torch.isfinite(pot)
-        m_new = mom - 0.5 * eps[:, None] * _white_grad(chol, grad)
-        w_new, pot_new, g_new, ll_new = w.clone(), pot.clone(), grad.clone(), ll.clone()
-        for step in range(int(n_steps.max())):
-            moving = alive & (step < n_steps)
-            if not moving.any():
-                break
-            w_try = torch.where(moving[:, None], w_new + eps[:, None] * m_new, w_new)
-            pot_try, g_try, ll_try = _tempered(potential, _from_white(chol, w_try), beta_b)
-            bad = moving & (~torch.isfinite(pot_try) | ~torch.isfinite(g_try).all(-1))
-            alive, moving = alive & ~bad, moving & ~bad
-            last = (step + 1 == n_steps)[:, None]
-            m_try = m_new - torch.where(last, 0.5, 1.0) * eps[:, None] * _white_grad(chol, g_try)
-            mv = moving[:, None]
-            w_new, m_new = torch.where(mv, w_try, w_new), torch.where(mv, m_try, m_new)
-            pot_new, ll_new = torch.where(moving, pot_try, pot_new), torch.where(moving, ll_try, ll_new)
-            g_new = torch.where(mv, g_try, g_new)
-            steps_taken += 1
-        delta = pot_new + 0.5 * (m_new * m_new).sum(-1) - h0
-        bad = ~alive | ~torch.isfinite(delta) | (delta > DIVERGENCE_ENERGY)
-        prob = torch.where(bad, torch.zeros_like(delta), torch.exp(-delta).clamp(max=1.0))
-        accept = torch.rand(b, generator=gen, dtype=u.dtype) < prob
-        u = torch.where(accept[:, None], _from_white(chol, w_new), u)
-        pot, ll = torch.where(accept, pot_new, pot), torch.where(accept, ll_new, ll)
-        grad = torch.where(accept[:, None], g_new, grad)
-        acc_t = prob.reshape(p, t).mean(0)
-        # step size towards a mean acceptance of 0.75, per target
+        out = hmc_transition(lambda x: _tempered(potential, x, beta_b), u, pot, grad, ll, chol, eps_t.repeat(p),
+                             trajectory_length, max_steps, gen)
+        u, pot, grad, ll = out["u"], out["potential"], out["grad"], out["extra"]
+        evaluations += out["iterations"]
+        acc_t = out["accept_prob"].reshape(p, t).mean(0)
         eps_t = eps_t * torch.exp(2.0 * (acc_t - 0.75)).clamp(0.5, 2.0)
-        eps = eps_t.repeat(p)
-    return u, pot, ll, acc_t, eps_t, steps_taken
+    return u, pot, ll, acc_t, eps_t, evaluations
 
 
 def sample_smc(potential: BatchedPotential, num_particles: int, ess_target: float = 0.5, moves: int = 5,
