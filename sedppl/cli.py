@@ -306,11 +306,13 @@ def _fit(args: argparse.Namespace) -> int:
                       save_draws=not args.no_draws, plots=args.plots, truth=truth)
         if args.method == "nuts":
             table = fit_nuts(obs, model, args.out, max_tree_depth=args.max_tree_depth, **common)
-        elif args.method == "smc":
+        elif args.method == "smc":  # from the amortized posterior (its flow's coordinates) unless --from-prior
             dtype = torch.float64 if obs.has_spectrum else torch.float32
+            post = None if args.from_prior else \
+                load_posterior(args.posterior, model) if args.posterior else load_shipped(args.model, model)
             table = fit_smc(obs, model, args.out, num_particles=args.draws, num_runs=args.chains, chunk=chunk,
                             seed=args.seed, save_draws=not args.no_draws, plots=args.plots, truth=truth, dtype=dtype,
-                            moves=args.moves, max_steps=args.max_steps or 32)
+                            moves=args.moves, max_steps=args.max_steps or 32, posterior=post)
         else:  # starts from the amortized posterior's best draws; spectra in double precision
             post = load_posterior(args.posterior, model) if args.posterior else load_shipped(args.model, model)
             dtype = torch.float64 if obs.has_spectrum else torch.float32
@@ -463,9 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--method", choices=["npe", "hmc", "smc", "nuts"], default="npe",
                    help="npe: amortized posterior, milliseconds a galaxy (default); hmc: MCMC, every chain of "
                         "--chunk galaxies in one batched computation, started from the amortized posterior's best "
-                        "draws (spectra in double precision); smc: tempered sequential Monte Carlo from the prior, "
-                        "--chains independent runs of --draws particles (multimodal posteriors; adds the log "
-                        "evidence); nuts: Pyro's NUTS, one galaxy at a time")
+                        "draws (spectra in double precision); smc: tempered sequential Monte Carlo from the "
+                        "amortized posterior to the exact one (or from the prior: --from-prior), --chains "
+                        "independent runs of --draws particles (multimodal posteriors; adds the log evidence); "
+                        "nuts: Pyro's NUTS, one galaxy at a time")
     f.add_argument("--model", choices=["phot", "specphot"], default="phot", help="zoo model (default phot)")
     f.add_argument("--posterior", default=None, help="a trained posterior (.safetensors); default: the shipped one")
     f.add_argument("--sps", choices=["exact", "emulated"], default="exact",
@@ -489,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for hmc, 32 for smc)")
     f.add_argument("--moves", type=int, default=5, help="smc: HMC moves of every particle per tempering step "
                                                         "(default 5)")
+    f.add_argument("--from-prior", action="store_true",
+                   help="smc: start from prior draws and temper the likelihood, without the amortized posterior "
+                        "(slower; for galaxies outside its training range, or as an independent check)")
     f.add_argument("--chunk", type=int, default=None,
                    help="galaxies per checkpointed chunk (default 500; hmc: galaxies per batched run, default 20)")
     f.add_argument("--seed", type=int, default=0, help="seed of the draws")

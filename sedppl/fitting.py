@@ -365,7 +365,8 @@ def fit_smc(obs: Observation, model, out: str | Path, num_particles: int = 256, 
     Arguments:
         num_particles, num_runs: Particles per run (the draws of each run) and independent runs per galaxy.
         predictive: Particles per run whose model data are kept (for chi2/dof and the plots).
-        **smc_kwargs: Passed on to :func:`sedppl.infer.smc.run_smc` (e.g. ``dtype``, ``moves``, ``max_steps``).
+        **smc_kwargs: Passed on to :func:`sedppl.infer.smc.run_smc` (e.g. ``posterior`` to start from an
+            amortized posterior, ``dtype``, ``moves``, ``max_steps``).
         Others: as :func:`fit_hmc`.
 
     Returns:

@@ -45,12 +45,24 @@ from .hmc import _to_arviz, hmc_transition
 from .potential import BatchedPotential, physics_dtype
 
 
-def _tempered(potential: BatchedPotential, u: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """U_beta = -(log prior + log|J| + beta log L) (B,), its gradient (B, D), and log L (B,)."""
-    u = u.detach().requires_grad_(True)
+def _split(potential: BatchedPotential, u: Tensor, reference: str) -> tuple[Tensor, Tensor]:
+    """(log reference density, log L) (B,) at u: the reference is the prior (with the coordinates'
+    log|J|) and L the likelihood, or (``reference="base"``) the standard normal N(0, I) of the
+    coordinates (a flow's base space) and L the rest of the posterior density (p J / N)."""
     total, loglik, _ = potential.log_densities(u)
-    ll = sum(loglik.values()) if loglik else torch.zeros_like(total)
-    pot = -(total - ll + beta * ll)
+    if reference == "prior":
+        ll = sum(loglik.values()) if loglik else torch.zeros_like(total)
+        return total - ll, ll
+    base = -0.5 * (u * u).sum(-1) - 0.5 * u.shape[-1] * math.log(2 * math.pi)
+    return base, total - base
+
+
+def _tempered(potential: BatchedPotential, u: Tensor, beta: Tensor,
+              reference: str = "prior") -> tuple[Tensor, Tensor, Tensor]:
+    """U_beta = -(log reference + beta log L) (B,), its gradient (B, D), and log L (B,) (see :func:`_split`)."""
+    u = u.detach().requires_grad_(True)
+    base, ll = _split(potential, u, reference)
+    pot = -(base + beta * ll)
     (grad,) = torch.autograd.grad(pot.sum(), u, allow_unused=False)
     return pot.detach(), grad.detach(), ll.detach()
 
@@ -100,17 +112,18 @@ def _particle_covariance(u: Tensor, logw: Tensor) -> Tensor:
     return (evecs * evals[:, None, :]) @ evecs.transpose(-1, -2)
 
 
-def _hmc_moves(potential, u, beta_b, chol, eps_t, p, t, moves, trajectory_length, max_steps, gen):
+def _hmc_moves(potential, u, beta_b, chol, eps_t, p, t, moves, trajectory_length, max_steps, gen, reference):
     """``moves`` HMC transitions of every particle (P * T rows) leaving pi_beta invariant, the step
     size of each target adapted towards a mean acceptance of 0.75 after each.
 
     Returns (u, U, log L, mean acceptance per target (T,) of the last move, step sizes (T,),
     batched gradient evaluations)."""
-    pot, grad, ll = _tempered(potential, u, beta_b)
+    pot, grad, ll = _tempered(potential, u, beta_b, reference)
     evaluations = 0
     acc_t = torch.zeros(t, dtype=u.dtype)
     for _ in range(moves):
-        out = hmc_transition(lambda x: _tempered(potential, x, beta_b), u, pot, grad, ll, chol, eps_t.repeat(p),
+        out = hmc_transition(lambda x: _tempered(potential, x, beta_b, reference), u, pot, grad, ll, chol,
+                             eps_t.repeat(p),
                              trajectory_length, max_steps, gen)
         u, pot, grad, ll = out["u"], out["potential"], out["grad"], out["extra"]
         evaluations += out["iterations"]
@@ -121,9 +134,9 @@ def _hmc_moves(potential, u, beta_b, chol, eps_t, p, t, moves, trajectory_length
 
 def sample_smc(potential: BatchedPotential, num_particles: int, ess_target: float = 0.5, moves: int = 5,
                trajectory_length: float = 0.5 * math.pi, max_steps: int = 32, max_stages: int = 500,
-               step_size: float = 0.5, generator: torch.Generator | None = None,
+               step_size: float = 0.5, generator: torch.Generator | None = None, reference: str = "prior",
                progress: bool = True) -> dict[str, Tensor]:
-    """Tempered SMC for every target of a batched potential, from its prior to its posterior.
+    """Tempered SMC for every target of a batched potential, from its prior (or a flow) to its posterior.
 
     Arguments:
         potential: Over B = P x T rows, row ``p * T + t`` being particle p of target t
@@ -136,6 +149,10 @@ def sample_smc(potential: BatchedPotential, num_particles: int, ess_target: floa
             covariance; jittered 0.5-1.5x) and cap on leapfrog steps per transition.
         step_size: Starting leapfrog step size (whitened units), adapted per target.
         max_stages: Stop with an error if beta has not reached 1 after this many steps.
+        reference: "prior": start from prior draws and temper the likelihood; "base": the
+            coordinates are a flow's base space (:class:`sedppl.infer.neutra.FlowCoordinates`),
+            start from N(0, I) (the amortized posterior's own draws) and temper the rest of the
+            posterior density, p J / N(0, I): few steps where the flow is good.
 
     Returns:
         {"u": (P, T, D) equal-weight posterior particles, "potential": (P, T) at beta = 1,
@@ -148,15 +165,18 @@ def sample_smc(potential: BatchedPotential, num_particles: int, ess_target: floa
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     p = num_particles
+    if reference not in ("prior", "base"):
+        raise ValueError(f"reference must be 'prior' or 'base', not {reference!r}")
     with torch.no_grad():
         u = potential.prior_draw().to(torch.float64)
+        if reference == "base":
+            u = torch.randn(u.shape, generator=gen, dtype=torch.float64)
     bsz, d = u.shape
     if bsz % p:
         raise ValueError(f"the potential has {bsz} rows, not a multiple of {p} particles")
     t = bsz // p
     with torch.no_grad():
-        _, loglik, _ = potential.log_densities(u)
-    ll = sum(loglik.values())
+        ll = _split(potential, u, reference)[1]
     ll = torch.where(torch.isnan(ll), torch.full_like(ll, -math.inf), ll)
     if not torch.all(torch.isfinite(ll.reshape(p, t)).any(0)):
         raise RuntimeError("no prior draw has a finite likelihood for some target; check the data")
@@ -185,7 +205,7 @@ def sample_smc(potential: BatchedPotential, num_particles: int, ess_target: floa
         u = u[rows]
         chol = torch.linalg.cholesky(cov).repeat(p, 1, 1)
         u, pot, ll, acc_t, eps_t, steps = _hmc_moves(potential, u, beta.repeat(p), chol, eps_t, p, t, moves,
-                                                     trajectory_length, max_steps, gen)
+                                                     trajectory_length, max_steps, gen, reference)
         ll = torch.where(torch.isnan(ll), torch.full_like(ll, -math.inf), ll)
         n_grad += steps
         bar.n = int(1000 * float(beta.min()))
@@ -199,7 +219,8 @@ def sample_smc(potential: BatchedPotential, num_particles: int, ess_target: floa
 
 def run_smc(model: Callable, *args, obs, num_particles: int = 256, num_runs: int = 2, seed: int = 0,
             ess_target: float = 0.5, moves: int = 5, max_steps: int = 32, dtype: torch.dtype = torch.float32,
-            predictive: int = 0, student_t_quantiles: bool = True, progress: bool = True, **kwargs):
+            posterior=None, predictive: int = 0, student_t_quantiles: bool = True, progress: bool = True,
+            **kwargs):
     """Posteriors and evidences of every galaxy of ``obs`` by tempered SMC (:func:`sample_smc`).
 
     Arguments:
@@ -212,6 +233,10 @@ def run_smc(model: Callable, *args, obs, num_particles: int = 256, num_runs: int
         seed, ess_target, moves, max_steps: See :func:`sample_smc`.
         dtype, student_t_quantiles: Precision of the physics and coordinates of Student-t
             sites, as for :func:`sedppl.infer.hmc.run_hmc` (float64 for high-S/N spectra).
+        posterior: A :class:`sedppl.infer.npe.NeuralPosterior` of ``model``: start from its
+            draws and temper from it to the exact posterior, in its flow's coordinates
+            (``reference="base"`` of :func:`sample_smc`); the result is still the exact
+            posterior, and a good flow needs few steps. None: start from the prior.
         predictive: Noise-free model data of this many particles per run (group
             ``posterior_predictive``), 0 for none.
         kwargs: Other keyword arguments of the model.
@@ -230,12 +255,18 @@ def run_smc(model: Callable, *args, obs, num_particles: int = 256, num_runs: int
         gen = torch.Generator().manual_seed(seed)
         g, p, r = obs.n_galaxies, num_particles, num_runs
         t = r * g
-        potential = BatchedPotential(model, args, {**kwargs, "obs": obs.tile(p * r)}, dtype=dtype,
-                                     student_t_quantiles=student_t_quantiles)
-        res = sample_smc(potential, p, ess_target=ess_target, moves=moves, max_steps=max_steps,
-                         generator=gen, progress=progress)
-        out = BatchedPotential(model, args, {**kwargs, "obs": obs.tile(r)}, dtype=dtype,
-                               student_t_quantiles=student_t_quantiles)
+        def batched(tiled):
+            if posterior is None:
+                return BatchedPotential(model, args, {**kwargs, "obs": tiled}, dtype=dtype,
+                                        student_t_quantiles=student_t_quantiles)
+            from .neutra import FlowCoordinates
+
+            return BatchedPotential(model, args, {**kwargs, "obs": tiled},
+                                    coordinates=FlowCoordinates(posterior, tiled, dtype))
+
+        res = sample_smc(batched(obs.tile(p * r)), p, ess_target=ess_target, moves=moves, max_steps=max_steps,
+                         generator=gen, reference="prior" if posterior is None else "base", progress=progress)
+        out = batched(obs.tile(r))
         full = (lambda v: v[None, :].expand(p, t).clone())  # noqa: E731
         stats = {"u": res["u"], "potential": res["potential"], "diverging": torch.zeros(p, t, dtype=torch.bool),
                  "accept_prob": full(res["acceptance"]), "step_size": full(res["step_size"]),
