@@ -293,13 +293,15 @@ def _fit(args: argparse.Namespace) -> int:
     from .infer.ensemble import load_posterior
     from .posteriors import load_shipped
 
-    chunk = args.chunk if args.chunk is not None else 20 if args.method in ("hmc", "smc") else 500
+    chunk = args.chunk if args.chunk is not None else 20 if args.method == "hmc" else 500
     if args.draws < 10 or chunk < 1:
         raise ValueError("--draws must be >= 10 and --chunk >= 1")
     if args.importance and (args.method != "npe" or args.importance < 100):
         raise ValueError("--importance N corrects the npe posterior: use it with --method npe and N >= 100")
     model = _zoo_model(args.model, args.sps)
     obs, truth = _read_input(args, model)
+    if args.method == "smc" and args.chunk is None:  # every particle of every run is a row of one batch
+        chunk = 1 if obs.has_spectrum else max(1, 5120 // (args.draws * args.chains))
     t0 = time.time()
     if args.method in ("nuts", "hmc", "smc"):
         common = dict(num_samples=args.draws, warmup_steps=args.warmup, num_chains=args.chains, seed=args.seed,
@@ -496,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smc: start from prior draws and temper the likelihood, without the amortized posterior "
                         "(slower; for galaxies outside its training range, or as an independent check)")
     f.add_argument("--chunk", type=int, default=None,
-                   help="galaxies per checkpointed chunk (default 500; hmc: galaxies per batched run, default 20)")
+                   help="galaxies per checkpointed chunk (default 500; hmc: galaxies per batched run, default 20; "
+                        "smc: default 1 for spectra, else 5120 / (draws x chains))")
     f.add_argument("--seed", type=int, default=0, help="seed of the draws")
     f.add_argument("--workers", type=int, default=1,
                    help="npe: local worker processes for the chunks (a Dask LocalCluster; default 1: this process)")
