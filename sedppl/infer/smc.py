@@ -123,8 +123,7 @@ def _hmc_moves(potential, u, beta_b, chol, eps_t, p, t, moves, trajectory_length
     acc_t = torch.zeros(t, dtype=u.dtype)
     for _ in range(moves):
         out = hmc_transition(lambda x: _tempered(potential, x, beta_b, reference), u, pot, grad, ll, chol,
-                             eps_t.repeat(p),
-                             trajectory_length, max_steps, gen)
+                             eps_t.repeat(p), trajectory_length, max_steps, gen)
         u, pot, grad, ll = out["u"], out["potential"], out["grad"], out["extra"]
         evaluations += out["iterations"]
         acc_t = out["accept_prob"].reshape(p, t).mean(0)
@@ -143,7 +142,8 @@ def sample_smc(potential: BatchedPotential, num_particles: int, ess_target: floa
             (e.g. a model on ``obs.tile(P)``): T independent targets.
         num_particles: P.
         ess_target: Fraction of P the incremental weights' effective sample size is kept at
-            when choosing the next beta (0.5: about 60-100 steps for a spectrum).
+            when choosing the next beta (0.5: 24-27 steps from the prior for the SDSS spectra of
+            docs/data.md, 1-2 from a good flow on photometry).
         moves: HMC transitions of every particle after each resampling.
         trajectory_length, max_steps: HMC integration time (whitened by the particles'
             covariance; jittered 0.5-1.5x) and cap on leapfrog steps per transition.
