@@ -175,7 +175,7 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .infer.npe_calibration import calibrate
+    from .infer.npe_calibration import calibrate, fit_base_scale
     from .infer.npe_training import train_npe
 
     if args.threads:
@@ -184,8 +184,8 @@ def _train(args: argparse.Namespace) -> int:
         return _train_emulator(args)
     if args.what == "vae":
         return _train_vae(args)
-    if args.n_sims < 100 or args.n_calibration < 10:
-        raise ValueError("--n-sims must be >= 100 and --n-calibration >= 10")
+    if args.n_sims < 100 or 0 < args.n_calibration < 10 or 0 < args.n_base_fit < 100:
+        raise ValueError("--n-sims must be >= 100, --n-calibration 0 or >= 10, --n-base-fit 0 or >= 100")
     model = _zoo_model(args.model)
     name = {"phot": "PhotometryModel", "specphot": "SpecPhotModel"}[args.model]
     t0 = time.time()
@@ -213,6 +213,12 @@ def _train(args: argparse.Namespace) -> int:
         post = train_npe(model, args.out, seed=args.seed, init_from=args.init_from, **kw)
         print(f"[sedppl] trained in {time.time() - t0:.0f} s: {post.card.epochs} epochs, "
               f"validation loss {post.card.valid_loss:.3f}")
+    if args.n_base_fit:
+        members = post.members if args.ensemble > 1 else [post]
+        scales = [fit_base_scale(m, n_sims=args.n_base_fit) for m in members]
+        post.save(args.out)
+        print(f"[sedppl] base scale refitted on {args.n_base_fit} fresh simulations: "
+              f"{', '.join(f'{v:.4f}' for v in scales)} (1: the flow was calibrated as trained)")
     if args.n_calibration:
         t1 = time.time()
         cal = calibrate(post, n_sims=args.n_calibration, progress=True)
@@ -284,14 +290,21 @@ def _read_input(args: argparse.Namespace, model):
     return read_input(args.input, model, catalog=catalog, out=args.out, ebv=ebv)
 
 
+def _posterior(args: argparse.Namespace, model):
+    """The amortized posterior of ``--posterior`` (a file: one posterior or an ensemble's index), else the
+    one shipped for ``--model``."""
+    from .infer.ensemble import load_posterior
+    from .posteriors import load_shipped
+
+    return load_posterior(args.posterior, model) if args.posterior else load_shipped(args.model, model)
+
+
 def _fit(args: argparse.Namespace) -> int:
     import warnings
 
     import torch
 
     from .fitting import fit_catalog, fit_hmc, fit_nuts, fit_smc
-    from .infer.ensemble import load_posterior
-    from .posteriors import load_shipped
 
     chunk = args.chunk if args.chunk is not None else 20 if args.method == "hmc" else 500
     if args.draws < 10 or chunk < 1:
@@ -310,13 +323,12 @@ def _fit(args: argparse.Namespace) -> int:
             table = fit_nuts(obs, model, args.out, max_tree_depth=args.max_tree_depth, **common)
         elif args.method == "smc":  # from the amortized posterior (its flow's coordinates) unless --from-prior
             dtype = torch.float64 if obs.has_spectrum else torch.float32
-            post = None if args.from_prior else \
-                load_posterior(args.posterior, model) if args.posterior else load_shipped(args.model, model)
+            post = None if args.from_prior else _posterior(args, model)
             table = fit_smc(obs, model, args.out, num_particles=args.draws, num_runs=args.chains, chunk=chunk,
                             seed=args.seed, save_draws=not args.no_draws, plots=args.plots, truth=truth, dtype=dtype,
                             moves=args.moves, max_steps=args.max_steps or 32, posterior=post)
         else:  # starts from the amortized posterior's best draws; spectra in double precision
-            post = load_posterior(args.posterior, model) if args.posterior else load_shipped(args.model, model)
+            post = _posterior(args, model)
             dtype = torch.float64 if obs.has_spectrum else torch.float32
             table = fit_hmc(obs, model, args.out, chunk=chunk, posterior=post, neutra=False, dtype=dtype,
                             max_steps=args.max_steps or 128, **common)
@@ -332,7 +344,7 @@ def _fit(args: argparse.Namespace) -> int:
                                                                     args.method == "smc" else ""), file=sys.stderr)
             return 4
         return 0
-    post = load_posterior(args.posterior, model) if args.posterior else load_shipped(args.model, model)
+    post = _posterior(args, model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*outside the posterior's training distribution.*")
         table = fit_catalog(obs, post, args.out, chunk=chunk, num_samples=args.draws, seed=args.seed,
@@ -355,17 +367,15 @@ def _compare(args: argparse.Namespace) -> int:
 
     from .diagnostics import compare_posteriors
     from .fitting import n_galaxies, subset
-    from .infer.ensemble import load_posterior
     from .infer.nuts import check_convergence, run_nuts
     from .plotting import plot_compare
-    from .posteriors import load_shipped
 
     model = _zoo_model(args.model)
     obs, _ = _read_input(args, model)
     if not 0 <= args.galaxy < n_galaxies(obs):
         raise ValueError(f"--galaxy {args.galaxy} is not in the file's {n_galaxies(obs)} galaxies")
     one = subset(obs, slice(args.galaxy, args.galaxy + 1))
-    post = load_posterior(args.posterior, model) if args.posterior else load_shipped(args.model, model)
+    post = _posterior(args, model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -440,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "as an equal-weight mixture: wider where the members disagree (default 1: one posterior)")
     t.add_argument("--init-from", default=None,
                    help="start from the weights of a trained posterior of the same model (.safetensors)")
+    t.add_argument("--n-base-fit", type=int, default=2000,
+                   help="fresh simulations to refit the width of the flow's base distribution on after "
+                        "training (maximum likelihood; sedppl.infer.npe_calibration.fit_base_scale; 0: skip)")
     t.add_argument("--n-calibration", type=int, default=1000,
                    help="held-out simulations for the calibration figures on the card (0: skip)")
     t.add_argument("--seed", type=int, default=0, help="seed of simulations, noise and initialisation")

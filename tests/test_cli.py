@@ -146,16 +146,19 @@ def test_train_emulator_and_fit_with_the_emulated_sps(tmp_path):
 
 
 def test_train_an_ensemble_posterior_and_fit_with_it(tmp_path):
-    """`sedppl train posterior --ensemble 2` (tiny budget) writes two members, an index with the mixture's
-    calibration, and `sedppl fit --posterior` takes the index: one summary row per galaxy, finite medians."""
+    """`sedppl train posterior --ensemble 2` (tiny budget) writes two members with refitted base widths,
+    an index with the mixture's calibration, and `sedppl fit --posterior` takes the index: one summary row per galaxy, finite medians."""
     import json
 
     out = tmp_path / "ens"
     r = run("train", "posterior", "--model", "phot", "--n-sims", "300", "--max-epochs", "1", "--ensemble", "2",
-            "--n-calibration", "10", "--out", str(out))
+            "--n-calibration", "10", "--n-base-fit", "200", "--out", str(out))
     assert r.returncode == 0, r.stderr
     index = json.loads(out.with_suffix(".json").read_text())
     assert index["ensemble"] == ["ens_member0", "ens_member1"] and index["calibration"]["n_sims"] == 10
+    for m in index["ensemble"]:  # each member's base width refitted on 200 fresh simulations, and saved so
+        card = json.loads((tmp_path / f"{m}.json").read_text())
+        assert card["base_scale_sims"] == 200 and 0.3 < card["base_scale"] < 3.0
     assert all((tmp_path / f"{m}.safetensors").exists() for m in index["ensemble"])
     mocks = tmp_path / "m.fits"
     assert run("simulate", "--model", "phot", "--n", "6", "--z", "0.08", "--seed", "4", "--out", str(mocks)).returncode == 0

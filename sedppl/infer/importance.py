@@ -73,8 +73,8 @@ def defensive_draws(post, x: dict[str, Tensor | None], num_samples: int, defensi
         post: A :class:`sedppl.infer.npe.NeuralPosterior`.
         x: Network inputs of N galaxies (``post.inputs(obs)``).
         num_samples: S, draws per galaxy.
-        defensive: Fraction of the base draws from N(0, ``wide``^2).
-        wide: Standard deviation of the defensive part of the base.
+        defensive: Fraction of the base draws from N(0, (``wide`` s)^2), s the flow's base scale.
+        wide: Standard deviation of the defensive part of the base, in units of s.
 
     Returns:
         u (S, N, D) in the posterior's unconstrained coordinates and log q_defensive(u) (S, N).
@@ -85,17 +85,18 @@ def defensive_draws(post, x: dict[str, Tensor | None], num_samples: int, defensi
     scale = torch.ones(num_samples, 1, 1)
     scale[num_samples - n_wide:] = wide
     step = max(1, 20_000 // num_samples)
+    s0 = float(post.flow.base.scale[0])  # the flow's own base N(0, s0^2 I) (card: base_scale)
     us, lqs = [], []
     with torch.no_grad():
         ctx = post.context(x)
         for i in range(0, n_gal, step):
             c = ctx[i:i + step]
-            z = torch.randn(num_samples, c.shape[0], d) * scale
+            z = torch.randn(num_samples, c.shape[0], d) * scale * s0
             theta, ladj = post.flow(c).transform.inv.call_and_ladj(z)
-            base = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+            base = torch.distributions.Normal(0.0, s0).log_prob(z).sum(-1)
             if defensive > 0:  # the mixture's density
                 base = torch.logaddexp(math.log1p(-defensive) + base, math.log(defensive)
-                                       + torch.distributions.Normal(0.0, wide).log_prob(z).sum(-1))
+                                       + torch.distributions.Normal(0.0, wide * s0).log_prob(z).sum(-1))
             us.append(post.theta_shift + post.theta_scale * theta)
             lqs.append(base - ladj - torch.log(post.theta_scale).sum())
     return torch.cat(us, 1), torch.cat(lqs, 1)

@@ -278,6 +278,15 @@ class NeuralPosterior(nn.Module):
         u = self.theta_shift + self.theta_scale * torch.cat(zs, 1)
         return u, (torch.cat(lqs, 1) - torch.log(self.theta_scale).sum() if log_q else None)
 
+    def set_base_scale(self, scale: float, n_sims: int = 0) -> None:
+        """Make the flow's base distribution N(0, scale^2 I) and record it (with the simulations it was
+        fitted on) in the card; see :func:`sedppl.infer.npe_calibration.fit_base_scale`."""
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"base scale must be finite and > 0, not {scale}")
+        base = self.flow.base
+        base.scale.fill_(float(scale))
+        self.card.base_scale, self.card.base_scale_sims = float(scale), int(n_sims)
+
     def log_prob_unconstrained(self, u: Tensor, x: dict[str, Tensor | None]) -> Tensor:
         """log q(u | x) of unconstrained values u (*, N, D) for network inputs x of N galaxies -> (*, N)."""
         with torch.no_grad():
@@ -373,6 +382,10 @@ class NeuralPosterior(nn.Module):
             raise ValueError(f"{path}: checksum {digest[:12]} does not match the card's {card.sha256[:12]}")
         post = cls(card, model)
         post.load_state_dict(load_file(str(path)))
+        stored = post.flow.base.scale
+        if not torch.allclose(stored, torch.full_like(stored, card.base_scale), rtol=1e-6):
+            raise ValueError(f"{path}: the flow's base scale {stored.tolist()} does not match the card's "
+                             f"base_scale {card.base_scale}")
         post.eval()
         use_fast_splines(post.flow)
         return post

@@ -39,6 +39,10 @@ class PosteriorCard:
         n_train, n_valid, epochs, train_seconds, simulation_seconds: Training budget (seconds of
             optimisation, and of simulation in the run that finished; 2-core CPU unless stated).
         valid_loss: Best validation loss (mean -log q of the unconstrained, standardised theta).
+        base_scale: Standard deviation s of the flow's base distribution N(0, s^2 I), fitted after
+            training by maximum likelihood on fresh simulations (1.0: not fitted; see
+            :func:`sedppl.infer.npe_calibration.fit_base_scale`).
+        base_scale_sims: Simulations the base scale was fitted on (0: not fitted).
         calibration: Figures measured on held-out simulations (filled by the calibration step).
         sha256: Checksum of the weights file.
         version: Card format version.
@@ -66,6 +70,8 @@ class PosteriorCard:
     train_seconds: float = 0.0
     simulation_seconds: float = 0.0
     valid_loss: float = float("nan")
+    base_scale: float = 1.0
+    base_scale_sims: int = 0
     calibration: dict = field(default_factory=dict)
     sha256: str = ""
     version: int = CARD_VERSION

@@ -45,23 +45,24 @@ from .hmc import _to_arviz, hmc_transition
 from .potential import BatchedPotential, physics_dtype
 
 
-def _split(potential: BatchedPotential, u: Tensor, reference: str) -> tuple[Tensor, Tensor]:
+def _split(potential: BatchedPotential, u: Tensor, base_scale: float | None) -> tuple[Tensor, Tensor]:
     """(log reference density, log L) (B,) at u: the reference is the prior (with the coordinates'
-    log|J|) and L the likelihood, or (``reference="base"``) the standard normal N(0, I) of the
+    log|J|; ``base_scale`` None) and L the likelihood, or the normal N(0, base_scale^2 I) of the
     coordinates (a flow's base space) and L the rest of the posterior density (p J / N)."""
     total, loglik, _ = potential.log_densities(u)
-    if reference == "prior":
+    if base_scale is None:
         ll = sum(loglik.values()) if loglik else torch.zeros_like(total)
         return total - ll, ll
-    base = -0.5 * (u * u).sum(-1) - 0.5 * u.shape[-1] * math.log(2 * math.pi)
+    w = u / base_scale
+    base = -0.5 * (w * w).sum(-1) - u.shape[-1] * (0.5 * math.log(2 * math.pi) + math.log(base_scale))
     return base, total - base
 
 
 def _tempered(potential: BatchedPotential, u: Tensor, beta: Tensor,
-              reference: str = "prior") -> tuple[Tensor, Tensor, Tensor]:
+              base_scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """U_beta = -(log reference + beta log L) (B,), its gradient (B, D), and log L (B,) (see :func:`_split`)."""
     u = u.detach().requires_grad_(True)
-    base, ll = _split(potential, u, reference)
+    base, ll = _split(potential, u, base_scale)
     pot = -(base + beta * ll)
     (grad,) = torch.autograd.grad(pot.sum(), u, allow_unused=False)
     return pot.detach(), grad.detach(), ll.detach()
@@ -112,17 +113,17 @@ def _particle_covariance(u: Tensor, logw: Tensor) -> Tensor:
     return (evecs * evals[:, None, :]) @ evecs.transpose(-1, -2)
 
 
-def _hmc_moves(potential, u, beta_b, chol, eps_t, p, t, moves, trajectory_length, max_steps, gen, reference):
+def _hmc_moves(potential, u, beta_b, chol, eps_t, p, t, moves, trajectory_length, max_steps, gen, base_scale):
     """``moves`` HMC transitions of every particle (P * T rows) leaving pi_beta invariant, the step
     size of each target adapted towards a mean acceptance of 0.75 after each.
 
     Returns (u, U, log L, mean acceptance per target (T,) of the last move, step sizes (T,),
     batched gradient evaluations)."""
-    pot, grad, ll = _tempered(potential, u, beta_b, reference)
+    pot, grad, ll = _tempered(potential, u, beta_b, base_scale)
     evaluations = 0
     acc_t = torch.zeros(t, dtype=u.dtype)
     for _ in range(moves):
-        out = hmc_transition(lambda x: _tempered(potential, x, beta_b, reference), u, pot, grad, ll, chol,
+        out = hmc_transition(lambda x: _tempered(potential, x, beta_b, base_scale), u, pot, grad, ll, chol,
                              eps_t.repeat(p), trajectory_length, max_steps, gen)
         u, pot, grad, ll = out["u"], out["potential"], out["grad"], out["extra"]
         evaluations += out["iterations"]
@@ -134,7 +135,7 @@ def _hmc_moves(potential, u, beta_b, chol, eps_t, p, t, moves, trajectory_length
 def sample_smc(potential: BatchedPotential, num_particles: int, ess_target: float = 0.5, moves: int = 5,
                trajectory_length: float = 0.5 * math.pi, max_steps: int = 32, max_stages: int = 500,
                step_size: float = 0.5, generator: torch.Generator | None = None, reference: str = "prior",
-               progress: bool = True) -> dict[str, Tensor]:
+               base_scale: float = 1.0, progress: bool = True) -> dict[str, Tensor]:
     """Tempered SMC for every target of a batched potential, from its prior (or a flow) to its posterior.
 
     Arguments:
@@ -151,8 +152,11 @@ def sample_smc(potential: BatchedPotential, num_particles: int, ess_target: floa
         max_stages: Stop with an error if beta has not reached 1 after this many steps.
         reference: "prior": start from prior draws and temper the likelihood; "base": the
             coordinates are a flow's base space (:class:`sedppl.infer.neutra.FlowCoordinates`),
-            start from N(0, I) (the amortized posterior's own draws) and temper the rest of the
-            posterior density, p J / N(0, I): few steps where the flow is good.
+            start from N(0, s^2 I) (the amortized posterior's own draws, s = ``base_scale``) and
+            temper the rest of the posterior density, p J / N(0, s^2 I): few steps where the flow
+            is good.
+        base_scale: s, the standard deviation of the flow's base distribution (its card's
+            ``base_scale``); used only with ``reference="base"``.
 
     Returns:
         {"u": (P, T, D) equal-weight posterior particles, "potential": (P, T) at beta = 1,
@@ -170,13 +174,14 @@ def sample_smc(potential: BatchedPotential, num_particles: int, ess_target: floa
     with torch.no_grad():
         u = potential.prior_draw().to(torch.float64)
         if reference == "base":
-            u = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+            u = base_scale * torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    ref_scale = float(base_scale) if reference == "base" else None
     bsz, d = u.shape
     if bsz % p:
         raise ValueError(f"the potential has {bsz} rows, not a multiple of {p} particles")
     t = bsz // p
     with torch.no_grad():
-        ll = _split(potential, u, reference)[1]
+        ll = _split(potential, u, ref_scale)[1]
     ll = torch.where(torch.isnan(ll), torch.full_like(ll, -math.inf), ll)
     if not torch.all(torch.isfinite(ll.reshape(p, t)).any(0)):
         raise RuntimeError("no prior draw has a finite likelihood for some target; check the data")
@@ -205,7 +210,7 @@ def sample_smc(potential: BatchedPotential, num_particles: int, ess_target: floa
         u = u[rows]
         chol = torch.linalg.cholesky(cov).repeat(p, 1, 1)
         u, pot, ll, acc_t, eps_t, steps = _hmc_moves(potential, u, beta.repeat(p), chol, eps_t, p, t, moves,
-                                                     trajectory_length, max_steps, gen, reference)
+                                                     trajectory_length, max_steps, gen, ref_scale)
         ll = torch.where(torch.isnan(ll), torch.full_like(ll, -math.inf), ll)
         n_grad += steps
         bar.n = int(1000 * float(beta.min()))
@@ -265,7 +270,9 @@ def run_smc(model: Callable, *args, obs, num_particles: int = 256, num_runs: int
                                     coordinates=FlowCoordinates(posterior, tiled, dtype))
 
         res = sample_smc(batched(obs.tile(p * r)), p, ess_target=ess_target, moves=moves, max_steps=max_steps,
-                         generator=gen, reference="prior" if posterior is None else "base", progress=progress)
+                         generator=gen, reference="prior" if posterior is None else "base",
+                         base_scale=1.0 if posterior is None else float(posterior.flow.base.scale[0]),
+                         progress=progress)
         out = batched(obs.tile(r))
         full = (lambda v: v[None, :].expand(p, t).clone())  # noqa: E731
         stats = {"u": res["u"], "potential": res["potential"], "diverging": torch.zeros(p, t, dtype=torch.bool),
