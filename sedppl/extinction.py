@@ -80,18 +80,27 @@ def deredden(obs: Observation, ebv: float | Tensor, rv: float = 3.1) -> Observat
     approximation for broad bands.
 
     Arguments:
-        obs: The observation (one galaxy or a batch).
-        ebv: E(B-V), scalar or (B,), mag (e.g. DESI's FIBERMAP ``EBV``, SFD 1998).
+        obs: The observation (one galaxy or a batch of B).
+        ebv: E(B-V), mag (e.g. DESI's FIBERMAP ``EBV``, SFD 1998): a scalar for every galaxy,
+            or (B,) one per galaxy ((1,) for one galaxy).
         rv: R_V.
 
     Returns:
         A new :class:`Observation`.
+
+    Raises:
+        ValueError: E(B-V) negative or not finite, or not one value per galaxy.
     """
     from .photometry import load_curve
 
     ebv = torch.as_tensor(ebv, dtype=torch.float64)
     if torch.any(~torch.isfinite(ebv)) or torch.any(ebv < 0):
-        raise ValueError(f"E(B-V) must be finite and >= 0, got {ebv}")
+        raise ValueError(f"E(B-V) must be finite and >= 0 mag, got {ebv.tolist()}")
+    batch = (obs.flux if obs.has_spectrum else obs.band_flux).shape[:-1]
+    if ebv.ndim and ebv.numel() == 1 and not batch:
+        ebv = ebv.reshape(())  # one value for one galaxy
+    elif ebv.ndim and tuple(ebv.shape) != tuple(batch):
+        raise ValueError(f"{ebv.numel()} values of E(B-V) for a batch of shape {tuple(batch)}")
     kw = dict(redshift=obs.redshift, wave=obs.wave, mask=obs.mask, resolution=obs.resolution,
               bands=obs.bands, name=obs.name, flux=obs.flux, ivar=obs.ivar,
               band_flux=obs.band_flux, band_ivar=obs.band_ivar)

@@ -90,13 +90,13 @@ def _deredden_batch(obs: Observation, ebv) -> Observation:
     values = np.atleast_1d(np.asarray(ebv, dtype=float))
     if values.ndim != 1 or len(values) not in (1, n):
         raise ValueError(f"--ebv: {values.size} values of E(B-V) for {n} galaxies; give one for all or one each")
-    if not np.all(np.isfinite(values)) or np.any(values < 0):
-        raise ValueError(f"--ebv: E(B-V) must be finite and >= 0 mag, got {values.tolist()}")
-    print(f"[sedppl] correcting for Milky Way extinction, E(B-V) = "
+    try:
+        out = deredden(obs, values if len(values) == n else float(values[0]))
+    except ValueError as err:
+        raise ValueError(f"--ebv: {err}") from None
+    print(f"[sedppl] corrected for Milky Way extinction, E(B-V) = "
           f"{values[0]:.3f}" + (f" ... {values[-1]:.3f} ({n} galaxies)" if len(values) > 1 else " (every galaxy)"))
-    per = np.broadcast_to(values, (n,)).copy()
-    batched = (obs.flux if obs.has_spectrum else obs.band_flux).ndim == 2
-    return deredden(obs, per if batched else float(per[0]))
+    return out
 
 
 def _read_one(path, model, catalog, redshift_rows, out=None, fibermap_ebv=True):

@@ -59,3 +59,9 @@ def test_deredden_spectrum_and_bands():
     assert dm[0] > dm[1] and 0.08 < dm[0] - dm[1] < 0.12
     with pytest.raises(ValueError, match="E\\(B-V\\)"):
         deredden(obs, -0.1)
+    with pytest.raises(ValueError, match="3 values of E\\(B-V\\) for a batch of shape \\(2,\\)"):
+        deredden(obs, torch.tensor([0.1, 0.1, 0.1]))
+    # one galaxy takes a scalar or a single value alike
+    one = Observation(redshift=0.1, wave=wave, flux=torch.ones(100), ivar=torch.ones(100))
+    torch.testing.assert_close(deredden(one, torch.tensor([0.1])).flux, out.flux[1])
+    torch.testing.assert_close(deredden(one, 0.1).flux, out.flux[1])
