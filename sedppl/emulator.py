@@ -11,6 +11,12 @@ fraction), so a model can replace its exact synthesis by one small network:
    maps standardised parameters to standardised PCA coefficients and scalars;
 3. the spectrum is rebuilt as mean + sd * (coefficients @ basis).
 
+Inputs that the simulator interpolates linearly on a grid (the metallicity of an
+SSP synthesis) make the spectrum a piecewise-linear function of them, with a kink
+at every grid point that a smooth network can only round off. The card can name
+such inputs (``grid_inputs``, ``input_grid``): the network then also sees their
+linear-interpolation (hat) weights on the grid, which carry the kinks exactly.
+
 Weights are saved as safetensors with a JSON card (parameter names and ranges,
 wavelengths, training size, validation accuracy, a checksum of the weights),
 so loading never runs code; see :mod:`sedppl.emulator_training` for training.
@@ -31,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .sps.synthesis import linear_interp_weights
 
 CARD_VERSION = 1
 
@@ -58,6 +66,9 @@ class EmulatorCard:
         air: Whether ``wave`` is in air.
         flux_unit: Unit of the (non-log) spectrum, e.g. "Lsun/A per Msun formed".
         scalar_names: Names of the scalar outputs.
+        grid_inputs: Indices of the inputs the simulator interpolates linearly on ``input_grid``
+            (e.g. log10 Z/Zsun per SFH bin); the network also sees their hat weights ([]: none).
+        input_grid: The grid nodes of those inputs, increasing, in the inputs' units.
         n_components: PCA components; hidden: MLP widths.
         n_train, n_valid: Training and validation set sizes.
         accuracy: Validation figures, e.g. {"median_abs_frac": ..., "p99_abs_frac": ...}.
@@ -72,6 +83,8 @@ class EmulatorCard:
     air: bool = False
     flux_unit: str = ""
     scalar_names: list[str] = field(default_factory=list)
+    grid_inputs: list[int] = field(default_factory=list)
+    input_grid: list[float] = field(default_factory=list)
     n_components: int = 32
     hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
     n_train: int = 0
@@ -97,6 +110,12 @@ class SpectrumEmulator(nn.Module):
         super().__init__()
         self.card = card
         d, n_wave, k, s = len(card.param_names), len(card.wave), card.n_components, len(card.scalar_names)
+        if card.grid_inputs and (len(card.input_grid) < 2 or np.any(np.diff(card.input_grid) <= 0)
+                                 or not all(0 <= i < d for i in card.grid_inputs)):
+            raise ValueError("grid_inputs need input indices in 0..D-1 and an increasing input_grid of >= 2 "
+                             f"nodes; got {card.grid_inputs} and {card.input_grid}")
+        self.register_buffer("input_grid", torch.tensor(card.input_grid, dtype=torch.float32), persistent=False)
+        d = d + len(card.grid_inputs) * len(card.input_grid)  # network inputs
         self.register_buffer("param_shift", torch.zeros(d))
         self.register_buffer("param_scale", torch.ones(d))
         self.register_buffer("log_mean", torch.zeros(n_wave))
@@ -135,10 +154,24 @@ class SpectrumEmulator(nn.Module):
                 warnings.warn(f"emulator inputs outside the trained range for {', '.join(bad)}: "
                               "its accuracy there is unknown; use the exact synthesis", stacklevel=3)
 
+    def features(self, theta: Tensor) -> Tensor:
+        """The network's inputs before standardisation: theta (..., D), then the hat weights of each
+        of the card's ``grid_inputs`` on ``input_grid`` (clamped to the grid), (..., D + n G)."""
+        theta = theta.to(self.param_shift.dtype)
+        if not self.card.grid_inputs:
+            return theta
+        g = self.input_grid
+        x = theta[..., self.card.grid_inputs].clamp(float(g[0]), float(g[-1]))
+        hats = linear_interp_weights(g, x, "emulator grid input")
+        return torch.cat([theta, hats.flatten(-2)], -1)
+
+    def standardise(self, theta: Tensor) -> Tensor:
+        """The network's standardised inputs (..., D + n G) of parameters theta (..., D)."""
+        return (self.features(theta) - self.param_shift) / self.param_scale
+
     def coefficients(self, theta: Tensor) -> Tensor:
         """Standardised network outputs mapped back: (..., K + S) PCA coefficients and scalars."""
-        x = (theta.to(self.param_shift.dtype) - self.param_shift) / self.param_scale
-        return self.mlp(x) * self.out_scale + self.out_shift
+        return self.mlp(self.standardise(theta)) * self.out_scale + self.out_shift
 
     def forward(self, theta: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:
         if check:

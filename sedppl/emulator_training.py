@@ -55,8 +55,9 @@ def simulate(simulator: Simulator, theta: Tensor, chunk: int = 500, progress: bo
 def fit_pca(emu: SpectrumEmulator, theta: Tensor, log_flux: Tensor, scalars: Tensor) -> None:
     """Set the emulator's standardisations and PCA basis from a training set."""
     k = emu.card.n_components
-    emu.param_shift.copy_(theta.mean(0))
-    emu.param_scale.copy_(theta.std(0).clamp(min=1e-8))
+    x = emu.features(theta)
+    emu.param_shift.copy_(x.mean(0))
+    emu.param_scale.copy_(x.std(0).clamp(min=1e-8))
     emu.log_mean.copy_(log_flux.mean(0))
     emu.log_sd.copy_(log_flux.std(0).clamp(min=1e-8))
     z = (log_flux - emu.log_mean) / emu.log_sd
@@ -122,7 +123,8 @@ def train_emulator(simulator: Simulator, prior: Prior, card: EmulatorCard, out: 
     torch.manual_seed(seed)
     emu = SpectrumEmulator(card)
     fit_pca(emu, theta[:n_train], log_flux[:n_train], scalars[:n_train])
-    x_tr, x_va = (theta[:n_train] - emu.param_shift) / emu.param_scale, (theta[n_train:] - emu.param_shift) / emu.param_scale
+    with torch.no_grad():
+        x_tr, x_va = emu.standardise(theta[:n_train]), emu.standardise(theta[n_train:])
     y_all = _targets(emu, log_flux, scalars)
     y_tr, y_va = y_all[:n_train], y_all[n_train:]
     loss_fn = _loss_function(emu)

@@ -154,3 +154,39 @@ def test_training_loss_is_the_mean_square_log_spectrum_error():
     d = (pred - target) * emu.out_scale
     direct = torch.mean(((d[:, :10] @ emu.basis) * emu.log_sd) ** 2) + torch.mean(d[:, 10:] ** 2)
     torch.testing.assert_close(_loss_function(emu)(pred, target), direct, rtol=1e-5, atol=0)
+
+
+def test_metallicity_grid_inputs_carry_the_kinks(simulator, trained, grid, tmp_path):
+    """The synthesis interpolates linearly in log Z between the grid's metallicities, so the spectrum is
+    piecewise linear in log Z with kinks at the nodes (-0.7, -0.4 and 0.0 lie inside this prior). The
+    same tiny training with the hat weights of log Z on the grid as extra inputs (card ``grid_inputs``,
+    ``input_grid``) must beat the plain one on the same 1,000 held-out draws: median |df/f| lower by 15%
+    or more (measured 0.505% against 0.664%, 24% lower; a 3 x 256 network on 40,000 draws of the ugriz
+    model's 7-bin histories: 0.165% against 0.324%). The features themselves: theta, then exactly the synthesis' interpolation weights
+    (clamped to the grid outside it); a grid that is not increasing is refused."""
+    from sedppl.sps.synthesis import linear_interp_weights
+
+    wave, run = simulator
+    plain, _ = trained
+    nodes = [float(v) for v in grid.log_metallicities]
+    card = card_for(wave, n_components=24, hidden=[128, 128], grid_inputs=[2], input_grid=nodes)
+    hat = train_emulator(run, prior, card, tmp_path / "hat", n_train=6000, n_valid=500, seed=0,
+                         schedule=((3e-3, 128), (1e-3, 256), (3e-4, 512)), patience=15, max_epochs=150,
+                         progress=False)
+    theta = prior(1000, torch.Generator().manual_seed(99))
+    exact_log, _ = simulate(run, theta, progress=False)
+    with torch.no_grad():
+        e_plain = np.median(fractional_errors(plain(theta)[0], exact_log))
+        e_hat = np.median(fractional_errors(hat(theta)[0], exact_log))
+    print(f"median |df/f|: plain {e_plain:.5f}, with log Z grid inputs {e_hat:.5f}")
+    assert e_hat < 0.85 * e_plain, (e_hat, e_plain)
+    x = hat.features(theta[:5])
+    assert x.shape == (5, 4 + len(nodes))
+    torch.testing.assert_close(x[:, :4], theta[:5])
+    torch.testing.assert_close(x[:, 4:], linear_interp_weights(torch.tensor(nodes), theta[:5, 2]))
+    edge = hat.features(torch.tensor([[5.0, 0.0, nodes[-1] + 0.5, 0.5]]))  # beyond the grid: its last node
+    assert float(edge[0, -1]) == 1.0 and float(edge[0, 4:-1].abs().sum()) == 0.0
+    loaded = SpectrumEmulator.load(tmp_path / "hat")
+    torch.testing.assert_close(loaded(theta[:5])[0], hat(theta[:5])[0])
+    with pytest.raises(ValueError, match="increasing input_grid"):
+        SpectrumEmulator(card_for(wave, grid_inputs=[2], input_grid=nodes[::-1]))

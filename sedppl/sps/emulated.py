@@ -226,6 +226,8 @@ def train_branch_emulator(model, branch: str, out: str | Path, n_train: int = 50
     card = EmulatorCard(param_names=parameter_names(n_bins), param_low=low, param_high=high,
                         wave=exact.wave.double().tolist(), air=False, flux_unit=FLUX_UNIT,
                         scalar_names=["ln_surviving_fraction"], n_components=n_components, hidden=list(hidden),
+                        # the synthesis interpolates linearly in log Z: kinks at the grid's metallicities
+                        grid_inputs=list(range(n_bins, 2 * n_bins)), input_grid=exact.log_z.double().tolist(),
                         notes=f"exact BC03+MILES synthesis (t_bc = {exact.t_bc} Gyr) of {type(model).__name__}'s "
                               f"'{branch}' branch; continuity bins (sedppl.sfh.continuity_edges, {n_bins} bins); "
                               f"draws from the model's prior, z in {fm.z_range}")
