@@ -216,7 +216,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.n_base_fit:
         members = post.members if args.ensemble > 1 else [post]
         scales = [fit_base_scale(m, n_sims=args.n_base_fit) for m in members]
-        post.save(args.out)
+        if not args.n_calibration:  # else saved once, with the calibration below
+            post.save(args.out)
         print(f"[sedppl] base scale refitted on {args.n_base_fit} fresh simulations: "
               f"{', '.join(f'{v:.4f}' for v in scales)} (1: the flow was calibrated as trained)")
     if args.n_calibration:

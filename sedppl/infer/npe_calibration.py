@@ -29,6 +29,15 @@ from .simulations import simulate_bank
 
 LEVELS = np.round(np.linspace(0.05, 0.95, 19), 2)
 
+def _fresh_simulations(post, n_sims: int, seed: int, progress: bool):
+    """(bank, network inputs) of ``n_sims`` prior-predictive simulations with seed ``seed`` and noise,
+    masks and missing bands from the posterior's training conditions (seed ``seed + 3``)."""
+    c = post.card
+    z_range = tuple(c.redshift_range) if c.redshift_given else None
+    bank = simulate_bank(post.model, post.space, n_sims, seed, z_range, c.bin_factor, progress=progress)
+    return bank, noisy_inputs(bank, post.conditions, torch.Generator().manual_seed(seed + 3), c.redshift_given)
+
+
 #: Seed of the simulations :func:`fit_base_scale` uses by default (training used small seeds,
 #: :func:`calibrate` uses 987,654).
 BASE_FIT_SEED = 555_001
@@ -64,10 +73,7 @@ def fit_base_scale(post: NeuralPosterior, n_sims: int = 2000, seed: int = BASE_F
         Guo et al. 2017, ICML (temperature scaling); Hermans et al. 2022, TMLR (conservative
         amortized posteriors).
     """
-    c = post.card
-    z_range = tuple(c.redshift_range) if c.redshift_given else None
-    bank = simulate_bank(post.model, post.space, n_sims, seed, z_range, c.bin_factor, progress=progress)
-    x = noisy_inputs(bank, post.conditions, torch.Generator().manual_seed(seed + 3), c.redshift_given)
+    bank, x = _fresh_simulations(post, n_sims, seed, progress)
     sq = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
         for i in range(0, len(bank), batch):
@@ -90,10 +96,7 @@ def calibrate(post: NeuralPosterior | PosteriorEnsemble, n_sims: int = 1000, n_d
         (chi-square uniformity of the ranks per dimension), "min_sbc_pvalue",
         "central_68", "central_95" {label: coverage}}.
     """
-    c = post.card
-    z_range = tuple(c.redshift_range) if c.redshift_given else None
-    bank = simulate_bank(post.model, post.space, n_sims, seed, z_range, c.bin_factor, progress=progress)
-    x = noisy_inputs(bank, post.conditions, torch.Generator().manual_seed(seed + 3), c.redshift_given)
+    bank, x = _fresh_simulations(post, n_sims, seed, progress)
     truth = bank.theta
     draws, lq_draws, lq_truth = [], [], []
     torch.manual_seed(seed)
