@@ -140,8 +140,8 @@ class SpecPhotModel(_ZooModel):
             multiplies the spectrum (not the photometry). None: no aperture factor.
         n_calibration: Number of Legendre coefficients (sites ``calibration_poly``
             ~ Normal(0, 0.1)) of a multiplicative spectral calibration; 0 for none.
-        sps: ``"exact"`` synthesis, ``"emulated"`` (the shipped emulator of the older stars'
-            light on the spectrum's default rest-frame grid; photometry stays exact:
+        sps: ``"exact"`` synthesis, ``"emulated"`` (the shipped emulators of the older stars'
+            light on the default rest-frame grids of the spectrum and of the photometry:
             :mod:`sedppl.emulators`), or {branch: emulator or path} for the ``"spec"`` and
             ``"phot"`` branches (:mod:`sedppl.sps.emulated`).
     """

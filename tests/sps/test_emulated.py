@@ -58,8 +58,12 @@ def test_shipped_emulator_meets_its_card(key, branch):
     assert np.median(err) < 1.25 * acc["median_abs_frac"], (np.median(err), acc["median_abs_frac"])
     assert np.percentile(err, 99) < 1.25 * acc["p99_abs_frac"], (np.percentile(err, 99), acc["p99_abs_frac"])
     assert float((sc.double() - scalars).abs().max()) < 2 * acc["scalars_max_abs"]
-    if key == "phot":  # the issue's goal, met since its log Z grid inputs (10,000 draws: 0.086% / 0.93%)
-        assert np.median(err) < 1e-3 and np.percentile(err, 99) < 1e-2, (np.median(err), np.percentile(err, 99))
+    if branch == "phot":
+        # issue 4's goal over 2000-10000 A, met by both photometry grids since their log Z grid inputs
+        # (10,000 draws, 2026-11-27: ugriz 0.086% / 0.93% (whole grid); g-W2 0.077% / 0.90%)
+        wave = np.asarray(card["wave"])
+        goal = err[:, (wave >= 2000) & (wave <= 10000)]
+        assert np.median(goal) < 1e-3 and np.percentile(goal, 99) < 1e-2, (np.median(goal), np.percentile(goal, 99))
 
 
 def test_emulated_model_photometry_matches_exact(models):
@@ -74,6 +78,26 @@ def test_emulated_model_photometry_matches_exact(models):
     rel = (out_em.photometry / out_ex.photometry - 1).abs().numpy()
     assert np.median(rel) < 0.002, np.median(rel)
     assert np.percentile(rel, 99) < 0.012, np.percentile(rel, 99)
+    torch.testing.assert_close(out_em.surviving_mass, out_ex.surviving_mass, rtol=1e-6, atol=0)
+
+
+def test_emulated_specphot_model_matches_exact():
+    """SpecPhotModel with both shipped emulators (spectrum grid 1711-9826 A, photometry grid 1792 A -
+    5.6 um) against the exact model on the same 200 prior draws (0.002 <= z <= 1.1): band fluxes
+    (g, r, z, W1, W2) agree to 0.2% in the median and 1.5% at the 99th percentile, spectrum pixels to
+    0.2% / 2% (measured 2026-11-27: 0.049% / 0.54% and 0.094% / 0.84%); masses are exact in both."""
+    exact, emulated = SpecPhotModel(), SpecPhotModel(sps="emulated")
+    assert emulated.forward_model.emulated == ["spec", "phot"]
+    _, _, _, tr = _histories(exact, 200, seed=8)
+    with torch.no_grad():
+        out_ex = poutine.replay(exact, trace=tr)(n_galaxies=200)
+        out_em = poutine.replay(emulated, trace=tr)(n_galaxies=200)
+    rel = (out_em.photometry / out_ex.photometry - 1).abs().numpy()
+    assert np.median(rel) < 0.002 and np.percentile(rel, 99) < 0.015, (np.median(rel), np.percentile(rel, 99))
+    # pixels attenuated to ~0 (tau up to 3 on a blue rest frame) hold float32 rounding of either sign
+    ok = out_ex.spectrum > 1e-3 * out_ex.spectrum.abs().median(-1, keepdim=True).values
+    rel = (out_em.spectrum[ok] / out_ex.spectrum[ok] - 1).abs().numpy()
+    assert np.median(rel) < 0.002 and np.percentile(rel, 99) < 0.02, (np.median(rel), np.percentile(rel, 99))
     torch.testing.assert_close(out_em.surviving_mass, out_ex.surviving_mass, rtol=1e-6, atol=0)
 
 
