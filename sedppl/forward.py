@@ -351,8 +351,8 @@ class ForwardModel(torch.nn.Module):
             matrices = [None] * len(self.arm_slices)
             # the instrument's sigma less the templates' own (moved to the observed frame)
             rest = wave / (1 + z[..., None])
-            tmpl_fwhm = interp1d(rest, self.spec.wave.to(flux.dtype),
-                                 self.spec.template_fwhm.to(flux.dtype)) * (1 + z[..., None])
+            tmpl_fwhm = interp1d(rest, self.spec.wave.to(flux.dtype), self.spec.template_fwhm.to(flux.dtype),
+                                 log_step=self.spec.dlnlam) * (1 + z[..., None])
             excess = (self.instrument_sigma.to(flux.dtype) ** 2 - (tmpl_fwhm / FWHM_PER_SIGMA) ** 2).clamp(min=0.0)
         else:
             matrices = resolution_matrix if isinstance(resolution_matrix, (list, tuple)) else [resolution_matrix]

@@ -77,10 +77,21 @@ def resample(flux: Tensor, edges: Tensor, new_edges: Tensor, scale: Tensor | flo
     return torch.diff(c, dim=-1) / (torch.diff(new_edges, dim=-1) * scale)
 
 
-def interp1d(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+def interp1d(x: Tensor, xp: Tensor, fp: Tensor, log_step: float | None = None) -> Tensor:
     """Linear interpolation of ``fp`` (K,) given at increasing ``xp`` (K,) at points ``x`` (...),
-    constant beyond the ends; differentiable in ``x`` and ``fp``."""
-    j = (torch.searchsorted(xp, x.detach().contiguous(), right=True) - 1).clamp(0, xp.numel() - 2)
+    constant beyond the ends; differentiable in ``x`` and ``fp``.
+
+    ``log_step``: the step in ln(xp) when ``xp`` is uniform in ln (``xp[k] = xp[0] exp(k log_step)``,
+    e.g. a rest-frame wavelength grid, positive); each point's interval is then found by arithmetic
+    instead of a binary search, with the same result.
+    """
+    if log_step is None:
+        j = torch.searchsorted(xp, x.detach().contiguous(), right=True) - 1
+    else:  # rounding can leave a point one interval off: checked against the knots
+        xd = x.detach()
+        j = torch.floor((torch.log(xd) - math.log(float(xp[0]))) / log_step).long().clamp(0, xp.numel() - 2)
+        j = j + (xd >= xp[j + 1]).long() - (xd < xp[j]).long()
+    j = j.clamp(0, xp.numel() - 2)
     u = ((x - xp[j]) / (xp[j + 1] - xp[j])).clamp(0.0, 1.0)
     return fp[j] + u * (fp[j + 1] - fp[j])
 

@@ -50,6 +50,24 @@ def test_gaussian_band_moments():
         assert (out * x**2).sum().item() == pytest.approx(sigma**2 + 1 / 12, rel=0.02)
 
 
+def test_gaussian_band_is_cut_smoothly_and_does_not_depend_on_h():
+    """The kernel is the pixel-integrated Gaussian cut at n_sigma: the same for any half-width H that
+    covers the cut (to 1e-12 in float64), continuous in sigma across the cut (the old rule, pixels kept
+    by their centres, jumped by ~1e-4 there), the identity at zero sigma, and zero beyond the ends."""
+    wave = torch.arange(5000, 5100, 0.8, dtype=torch.float64)
+    sig = torch.full_like(wave, 0.5)
+    torch.testing.assert_close(ins.gaussian_band(wave, sig, 4)[4 - 4:4 + 5],
+                               ins.gaussian_band(wave, sig, 9)[9 - 4:9 + 5], rtol=0, atol=1e-12)
+    assert float(ins.gaussian_band(wave, sig, 9)[:5].abs().max()) == 0.0  # beyond 5 sigma = 2.5 A
+    # sigma crossing the value where the second neighbour's centre (1.6 A) sits at 5 sigma
+    lo, hi = (ins.gaussian_band(wave, torch.full_like(wave, s), 4) for s in (0.32 - 1e-7, 0.32 + 1e-7))
+    assert float((lo - hi).abs().max()) < 1e-6
+    torch.testing.assert_close(ins.gaussian_band(wave, torch.zeros_like(wave), 3)[3], torch.ones_like(wave))
+    band = ins.gaussian_band(wave, torch.full_like(wave, 2.0), 12)
+    assert float(band[:12, 0].abs().max()) == 0.0 and float(band[-12:, -1].abs().max()) == 0.0
+    torch.testing.assert_close(band.sum(-2), torch.ones_like(wave))
+
+
 def test_velocity_dispersion_width():
     wave = torch.arange(4800, 5200, 0.5, dtype=torch.float64)
     sig = ins.velocity_sigma(wave, torch.tensor([200.0], dtype=torch.float64))

@@ -59,6 +59,12 @@ def test_interp1d():
     xp = torch.tensor([0.0, 1.0, 3.0])
     fp = torch.tensor([0.0, 2.0, 4.0])
     torch.testing.assert_close(interp1d(torch.tensor([0.5, 2.0, 5.0]), xp, fp), torch.tensor([1.0, 3.0, 4.0]))
+    # a grid uniform in ln: the interval found by arithmetic, the same values as the binary search
+    g = torch.Generator().manual_seed(3)
+    xp = 1711.0 * torch.exp(1.5e-4 * torch.arange(11655, dtype=torch.float64)).float()
+    fp = torch.rand(11655, generator=g)
+    x = torch.cat([xp[::7], 1600 + 9000 * torch.rand(5000, generator=g), torch.tensor([1000.0, 20000.0])])
+    torch.testing.assert_close(interp1d(x, xp, fp, log_step=1.5e-4), interp1d(x, xp, fp), rtol=0, atol=0)
 
 
 def test_log_resampling_matches_general():
