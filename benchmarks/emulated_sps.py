@@ -48,18 +48,20 @@ def _inputs(model, n, seed):
 
 
 def _physics(model, tr, n, grad):
-    """The model replayed on fixed latents (the physics, likelihood-free); optionally backward."""
+    """The model replayed on fixed latents (the physics, likelihood-free): with ``grad`` a backward
+    pass, else without autograd."""
     nodes = {k: v for k, v in tr.nodes.items() if v["type"] == "sample" and not v["is_observed"]}
     latents = {k: v["value"].clone().requires_grad_(grad and v["value"].is_floating_point())
                for k, v in nodes.items()}
 
     def run():
-        out = poutine.condition(model, data=latents)(n_galaxies=n)
         if grad:
+            out = poutine.condition(model, data=latents)(n_galaxies=n)
             loss = out.photometry.log().sum() + (0 if out.spectrum is None else out.spectrum.sum())
             g = torch.autograd.grad(loss, [v for v in latents.values() if v.requires_grad], allow_unused=True)
             return g
-        return out
+        with torch.no_grad():
+            return poutine.condition(model, data=latents)(n_galaxies=n)
 
     return run
 
@@ -107,12 +109,6 @@ def main() -> None:
             rows = []
             for model in (exact, emulated):
                 fn = _physics(model, tr, n, grad)
-                if not grad:
-                    inner = fn
-
-                    def fn(inner=inner):
-                        with torch.no_grad():
-                            return inner()
                 rows.append(np.median(repeat_times(fn, args.repeats)) * 1e3)
             label = f"{cls.__name__} physics" + (" + gradient" if grad else "")
             print(f"{label:38s} {n:6d} {rows[0]:10.2f} {rows[1]:12.2f} {rows[0] / rows[1]:7.2f}")

@@ -82,12 +82,6 @@ def main() -> None:
             for band, interp in (baseline, current):
                 instrument.gaussian_band, forward.interp1d = band, interp
                 fn = _physics(model, tr, n, grad)
-                if not grad:
-                    inner = fn
-
-                    def fn(inner=inner):
-                        with torch.no_grad():
-                            return inner()
                 t.append(np.median(repeat_times(fn, 7)) * 1e3)
             instrument.gaussian_band, forward.interp1d = current
             label = "physics" + (" + gradient" if grad else "")
