@@ -162,7 +162,8 @@ def _train_emulator(args: argparse.Namespace) -> int:
     out = args.out if args.out != "posterior.safetensors" else f"emulator_{args.model}_{branch}.safetensors"
     t0 = time.time()
     emu = train_branch_emulator(model, branch, out, n_train=args.n_train, n_valid=max(100, args.n_train // 10),
-                                n_components=args.n_components, seed=args.seed, max_epochs=args.max_epochs,
+                                n_components=args.n_components, n_chunks=args.chunks, seed=args.seed,
+                                max_epochs=args.max_epochs,
                                 patience=args.patience)
     acc = emu.card.accuracy
     print(f"[sedppl] trained in {time.time() - t0:.0f} s; on {emu.card.n_valid} validation draws |df/f| median "
@@ -464,7 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emulator: the spectrum's fine grid or photometry's coarse grid (default: spec for "
                         "specphot, phot for phot)")
     t.add_argument("--n-train", type=int, default=60_000, help="emulator: training draws (default 60000)")
-    t.add_argument("--n-components", type=int, default=64, help="emulator: PCA components (default 64)")
+    t.add_argument("--n-components", type=int, default=64,
+                   help="emulator: PCA components (per wavelength chunk; default 64)")
+    t.add_argument("--chunks", type=int, default=1,
+                   help="emulator: wavelength chunks of equal width in ln lambda, each with its own PCA and "
+                        "network (default 1)")
     t.add_argument("--spectra", default=None,
                    help="vae: training spectra with redshifts (a `sedppl simulate` file, SDSS spec or DESI coadd)")
     t.add_argument("--n-latent", type=int, default=2,

@@ -11,6 +11,12 @@ fraction), so a model can replace its exact synthesis by one small network:
    maps standardised parameters to standardised PCA coefficients and scalars;
 3. the spectrum is rebuilt as mean + sd * (coefficients @ basis).
 
+A card may cut the wavelength grid into chunks (``chunks``: pixel indices where
+a new chunk starts). Each chunk then has its own PCA basis of ``n_components``
+and its own MLP (Kwon, Hahn & Alsing 2023 chunk their PROVABGS emulator the same
+way): each network has a simpler function to fit, at the cost of one network
+evaluation per chunk. The scalar outputs come from the first chunk's network.
+
 Inputs that the simulator interpolates linearly on a grid (the metallicity of an
 SSP synthesis) make the spectrum a piecewise-linear function of them, with a kink
 at every grid point that a smooth network can only round off. The card can name
@@ -69,7 +75,9 @@ class EmulatorCard:
         grid_inputs: Indices of the inputs the simulator interpolates linearly on ``input_grid``
             (e.g. log10 Z/Zsun per SFH bin); the network also sees their hat weights ([]: none).
         input_grid: The grid nodes of those inputs, increasing, in the inputs' units.
-        n_components: PCA components; hidden: MLP widths.
+        n_components: PCA components (per chunk); hidden: MLP widths (per chunk).
+        chunks: Pixel indices, increasing, in 1..L-1, where a new wavelength chunk starts, each with its
+            own PCA and MLP ([]: one chunk).
         n_train, n_valid: Training and validation set sizes.
         accuracy: Validation figures, e.g. {"median_abs_frac": ..., "p99_abs_frac": ...}.
         sha256: Checksum of the weights file.
@@ -87,6 +95,7 @@ class EmulatorCard:
     input_grid: list[float] = field(default_factory=list)
     n_components: int = 32
     hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
+    chunks: list[int] = field(default_factory=list)
     n_train: int = 0
     n_valid: int = 0
     accuracy: dict = field(default_factory=dict)
@@ -114,6 +123,10 @@ class SpectrumEmulator(nn.Module):
                                  or not all(0 <= i < d for i in card.grid_inputs)):
             raise ValueError("grid_inputs need input indices in 0..D-1 and an increasing input_grid of >= 2 "
                              f"nodes; got {card.grid_inputs} and {card.input_grid}")
+        if list(card.chunks) != sorted(set(card.chunks)) or any(not 0 < c < n_wave for c in card.chunks):
+            raise ValueError(f"chunks must be increasing pixel indices in 1..{n_wave - 1}, got {card.chunks}")
+        self.bounds = [0, *card.chunks, n_wave]
+        n_chunks = len(self.bounds) - 1
         self.register_buffer("input_grid", torch.tensor(card.input_grid, dtype=torch.float32), persistent=False)
         d = d + len(card.grid_inputs) * len(card.input_grid)  # network inputs
         self.register_buffer("param_shift", torch.zeros(d))
@@ -121,18 +134,40 @@ class SpectrumEmulator(nn.Module):
         self.register_buffer("log_mean", torch.zeros(n_wave))
         self.register_buffer("log_sd", torch.ones(n_wave))
         self.register_buffer("basis", torch.zeros(k, n_wave))
-        self.register_buffer("out_shift", torch.zeros(k + s))
-        self.register_buffer("out_scale", torch.ones(k + s))
+        self.register_buffer("out_shift", torch.zeros(n_chunks * k + s))
+        self.register_buffer("out_scale", torch.ones(n_chunks * k + s))
         self.register_buffer("low", torch.tensor(card.param_low, dtype=torch.float32))
         self.register_buffer("high", torch.tensor(card.param_high, dtype=torch.float32))
-        layers: list[nn.Module] = []
-        width = d
-        for h in card.hidden:
-            layers += [nn.Linear(width, h), SpeculatorActivation(h)]
-            width = h
-        layers.append(nn.Linear(width, k + s))
-        self.mlp = nn.Sequential(*layers)
+        # one chunk: a single network (the form of the first shipped files); several: one per chunk
+        nets = [_mlp(d, card.hidden, k + s if c == 0 else k) for c in range(n_chunks)]
+        self.mlp = nets[0] if n_chunks == 1 else nn.ModuleList(nets)
         self.warn_outside = True
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of wavelength chunks, each with its own PCA basis and network."""
+        return len(self.bounds) - 1
+
+    def network(self, x: Tensor) -> Tensor:
+        """The networks' standardised outputs (..., C K + S) from standardised inputs x: every chunk's K
+        coefficients in wavelength order, then the scalars."""
+        if self.n_chunks == 1:
+            return self.mlp(x)
+        k = self.card.n_components
+        outs = [net(x) for net in self.mlp]
+        return torch.cat([outs[0][..., :k], *outs[1:], outs[0][..., k:]], -1)
+
+    def project(self, z: Tensor) -> Tensor:
+        """PCA coefficients (N, C K) of standardised log spectra z (N, L), chunk by chunk."""
+        b = self.bounds
+        return torch.cat([z[:, lo:hi] @ self.basis[:, lo:hi].T for lo, hi in zip(b[:-1], b[1:])], 1)
+
+    def rebuild(self, coef: Tensor) -> Tensor:
+        """Log spectra (..., L) from PCA coefficients (..., C K)."""
+        k, b = self.card.n_components, self.bounds
+        z = torch.cat([coef[..., c * k:(c + 1) * k] @ self.basis[:, lo:hi]
+                       for c, (lo, hi) in enumerate(zip(b[:-1], b[1:]))], -1)
+        return self.log_mean + self.log_sd * z
 
     @property
     def wave(self) -> Tensor:
@@ -170,16 +205,15 @@ class SpectrumEmulator(nn.Module):
         return (self.features(theta) - self.param_shift) / self.param_scale
 
     def coefficients(self, theta: Tensor) -> Tensor:
-        """Standardised network outputs mapped back: (..., K + S) PCA coefficients and scalars."""
-        return self.mlp(self.standardise(theta)) * self.out_scale + self.out_shift
+        """Standardised network outputs mapped back: (..., C K + S) PCA coefficients and scalars."""
+        return self.network(self.standardise(theta)) * self.out_scale + self.out_shift
 
     def forward(self, theta: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:
         if check:
             self.check_inputs(theta)
         out = self.coefficients(theta)
-        k = self.card.n_components
-        log_spec = self.log_mean + self.log_sd * (out[..., :k] @ self.basis)
-        return log_spec, out[..., k:]
+        kc = self.card.n_components * self.n_chunks
+        return self.rebuild(out[..., :kc]), out[..., kc:]
 
     # ----------------------------------------------------------------- files
     def save(self, path: str | Path) -> Path:
@@ -216,6 +250,16 @@ class SpectrumEmulator(nn.Module):
             raise ValueError(f"weights do not match the card's architecture: {sorted(missing)[:5]}")
         emu.load_state_dict(state)
         return emu.eval()
+
+
+def _mlp(n_in: int, hidden: list[int], n_out: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = n_in
+    for h in hidden:
+        layers += [nn.Linear(width, h), SpeculatorActivation(h)]
+        width = h
+    layers.append(nn.Linear(width, n_out))
+    return nn.Sequential(*layers)
 
 
 def _sha256(path: Path) -> str:

@@ -53,7 +53,7 @@ def simulate(simulator: Simulator, theta: Tensor, chunk: int = 500, progress: bo
 
 
 def fit_pca(emu: SpectrumEmulator, theta: Tensor, log_flux: Tensor, scalars: Tensor) -> None:
-    """Set the emulator's standardisations and PCA basis from a training set."""
+    """Set the emulator's standardisations and PCA basis (one per wavelength chunk) from a training set."""
     k = emu.card.n_components
     x = emu.features(theta)
     emu.param_shift.copy_(x.mean(0))
@@ -61,24 +61,29 @@ def fit_pca(emu: SpectrumEmulator, theta: Tensor, log_flux: Tensor, scalars: Ten
     emu.log_mean.copy_(log_flux.mean(0))
     emu.log_sd.copy_(log_flux.std(0).clamp(min=1e-8))
     z = (log_flux - emu.log_mean) / emu.log_sd
-    if z.numel() <= EXACT_SVD_MAX:
-        _, _, vh = torch.linalg.svd(z.double(), full_matrices=False)
-        basis = vh[:k]
-    else:  # large sets (e.g. 50,000 spectra x 11,700 pixels): randomized SVD, Halko et al. 2011
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(0)
-        _, _, v = torch.svd_lowrank(z, q=k + 32, niter=6)
-        torch.random.set_rng_state(gen_state)
-        basis = v[:, :k].T
-    emu.basis.copy_(basis.float())
-    out = torch.cat([z @ emu.basis.T, scalars], dim=1)
+    for lo, hi in zip(emu.bounds[:-1], emu.bounds[1:]):
+        emu.basis[:, lo:hi] = _principal_components(z[:, lo:hi], k)
+    out = torch.cat([emu.project(z), scalars], dim=1)
     emu.out_shift.copy_(out.mean(0))
     emu.out_scale.copy_(out.std(0).clamp(min=1e-8))
 
 
+def _principal_components(z: Tensor, k: int) -> Tensor:
+    """The first k principal directions (k, L) of the rows of z (N, L), float32."""
+    if z.numel() <= EXACT_SVD_MAX:
+        _, _, vh = torch.linalg.svd(z.double(), full_matrices=False)
+        return vh[:k].float()
+    # large sets (e.g. 50,000 spectra x 11,700 pixels): randomized SVD, Halko et al. 2011
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    _, _, v = torch.svd_lowrank(z, q=k + 32, niter=6)
+    torch.random.set_rng_state(gen_state)
+    return v[:, :k].T.float()
+
+
 def _targets(emu: SpectrumEmulator, log_flux: Tensor, scalars: Tensor) -> Tensor:
     z = (log_flux - emu.log_mean) / emu.log_sd
-    return (torch.cat([z @ emu.basis.T, scalars], dim=1) - emu.out_shift) / emu.out_scale
+    return (torch.cat([emu.project(z), scalars], dim=1) - emu.out_shift) / emu.out_scale
 
 
 def train_emulator(simulator: Simulator, prior: Prior, card: EmulatorCard, out: str | Path,
@@ -147,13 +152,13 @@ def train_emulator(simulator: Simulator, prior: Prior, card: EmulatorCard, out: 
             emu.mlp.train()
             for i in range(0, n_train, batch):
                 idx = perm[i:i + batch]
-                loss = loss_fn(emu.mlp(x_tr[idx]), y_tr[idx])
+                loss = loss_fn(emu.network(x_tr[idx]), y_tr[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             emu.mlp.eval()
             with torch.no_grad():
-                val = float(loss_fn(emu.mlp(x_va), y_va))
+                val = float(loss_fn(emu.network(x_va), y_va))
             meta["epoch"] += 1
             if val < meta["best"]:
                 meta["best"], meta["stale"] = val, 0
@@ -183,12 +188,17 @@ def _loss_function(emu: SpectrumEmulator) -> Callable[[Tensor, Tensor], Tensor]:
 
     With d the error of the standardised coefficients, the spectrum's error is
     (d * scale) @ basis * sd per pixel; its mean square over L pixels is the quadratic form
-    d G d / L with G = diag(scale) basis diag(sd^2) basis^T diag(scale), (K, K), computed once,
-    so a training step costs O(K^2) rather than O(K L) per spectrum."""
-    k = emu.card.n_components
+    d G d / L with G = diag(scale) basis diag(sd^2) basis^T diag(scale), (K, K) per wavelength
+    chunk (block-diagonal over chunks, (C K, C K)), computed once, so a training step costs
+    O(C K^2) rather than O(K L) per spectrum."""
+    k = emu.card.n_components * emu.n_chunks
     basis = emu.basis.double() * emu.log_sd.double()
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    for c, (lo, hi) in enumerate(zip(emu.bounds[:-1], emu.bounds[1:])):
+        sl = slice(c * emu.card.n_components, (c + 1) * emu.card.n_components)
+        gram[sl, sl] = basis[:, lo:hi] @ basis[:, lo:hi].T
     scale = emu.out_scale[:k].double()
-    gram = (scale[:, None] * (basis @ basis.T) * scale[None, :] / basis.shape[1]).float()
+    gram = (scale[:, None] * gram * scale[None, :] / basis.shape[1]).float()
     scalar_scale = emu.out_scale[k:]
 
     def loss(pred: Tensor, target: Tensor) -> Tensor:

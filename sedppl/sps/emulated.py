@@ -189,8 +189,8 @@ def prior_histories(model, n_bins: int) -> Callable[[int, torch.Generator], Tens
 
 
 def train_branch_emulator(model, branch: str, out: str | Path, n_train: int = 50_000, n_valid: int = 5_000,
-                          n_components: int = 48, hidden: tuple[int, ...] = (256, 256, 256), seed: int = 0,
-                          progress: bool = True, **kwargs) -> SpectrumEmulator:
+                          n_components: int = 48, hidden: tuple[int, ...] = (256, 256, 256), n_chunks: int = 1,
+                          seed: int = 0, progress: bool = True, **kwargs) -> SpectrumEmulator:
     """Train the emulated synthesis of one branch of a zoo-style model from its exact synthesis.
 
     Arguments:
@@ -199,7 +199,9 @@ def train_branch_emulator(model, branch: str, out: str | Path, n_train: int = 50
         branch: ``"spec"`` (the spectrum's fine rest-frame grid) or ``"phot"`` (photometry's coarse grid).
         out: Path of the emulator (``.safetensors`` + ``.json`` card; a ``.ckpt`` folder to resume).
         n_train, n_valid: Training and validation draws from the model's prior.
-        n_components, hidden: PCA components and MLP widths.
+        n_components, hidden: PCA components and MLP widths (per wavelength chunk).
+        n_chunks: Wavelength chunks of equal width in ln lambda (equal pixel counts), each with its own
+            PCA and MLP (card ``chunks``).
         seed: Seed of draws and initialisation.
         **kwargs: Passed to :func:`sedppl.emulator_training.train_emulator` (schedule, patience, max_epochs).
 
@@ -223,9 +225,14 @@ def train_branch_emulator(model, branch: str, out: str | Path, n_train: int = 50
     f_lo, f_hi = float(np.log10(FRACTION_FLOOR)), float(np.log10(1 + FRACTION_FLOOR))
     low = [f_lo] * n_bins + [zlo] * n_bins + [t_lo]
     high = [f_hi] * n_bins + [zhi] * n_bins + [t_hi]
+    n_wave = len(exact.wave)
+    if not 1 <= n_chunks <= n_wave // (2 * n_components):
+        raise ValueError(f"n_chunks must be 1..{n_wave // (2 * n_components)} for {n_wave} pixels and "
+                         f"{n_components} components a chunk, got {n_chunks}")
     card = EmulatorCard(param_names=parameter_names(n_bins), param_low=low, param_high=high,
                         wave=exact.wave.double().tolist(), air=False, flux_unit=FLUX_UNIT,
                         scalar_names=["ln_surviving_fraction"], n_components=n_components, hidden=list(hidden),
+                        chunks=[round(c * n_wave / n_chunks) for c in range(1, n_chunks)],
                         # the synthesis interpolates linearly in log Z: kinks at the grid's metallicities
                         grid_inputs=list(range(n_bins, 2 * n_bins)), input_grid=exact.log_z.double().tolist(),
                         notes=f"exact BC03+MILES synthesis (t_bc = {exact.t_bc} Gyr) of {type(model).__name__}'s "
