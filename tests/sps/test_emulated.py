@@ -58,12 +58,13 @@ def test_shipped_emulator_meets_its_card(key, branch):
     assert np.median(err) < 1.25 * acc["median_abs_frac"], (np.median(err), acc["median_abs_frac"])
     assert np.percentile(err, 99) < 1.25 * acc["p99_abs_frac"], (np.percentile(err, 99), acc["p99_abs_frac"])
     assert float((sc.double() - scalars).abs().max()) < 2 * acc["scalars_max_abs"]
-    if branch == "phot":
-        # issue 4's goal over 2000-10000 A, met by both photometry grids since their log Z grid inputs
-        # (10,000 draws, 2026-11-27: ugriz 0.086% / 0.93% (whole grid); g-W2 0.077% / 0.90%)
-        wave = np.asarray(card["wave"])
-        goal = err[:, (wave >= 2000) & (wave <= 10000)]
-        assert np.median(goal) < 1e-3 and np.percentile(goal, 99) < 1e-2, (np.median(goal), np.percentile(goal, 99))
+    # issue 4's goal over 2000-10000 A, met by every shipped emulator (10,000 draws, 2026-11-27: ugriz
+    # 0.086% / 0.93% (whole grid); g-W2 0.077% / 0.90%; DESI spectrum grid, two wavelength chunks,
+    # 0.077% / 0.95%)
+    wave = np.asarray(card["wave"])
+    goal = err[:, (wave >= 2000) & (wave <= 10000)]
+    print(f"{key}/{branch}: 2000-10000 A median {np.median(goal):.2e}, 99th percentile {np.percentile(goal, 99):.2e}")
+    assert np.median(goal) < 1e-3 and np.percentile(goal, 99) < 1e-2, (np.median(goal), np.percentile(goal, 99))
 
 
 def test_emulated_model_photometry_matches_exact(models):
@@ -85,7 +86,8 @@ def test_emulated_specphot_model_matches_exact():
     """SpecPhotModel with both shipped emulators (spectrum grid 1711-9826 A, photometry grid 1792 A -
     5.6 um) against the exact model on the same 200 prior draws (0.002 <= z <= 1.1): band fluxes
     (g, r, z, W1, W2) agree to 0.2% in the median and 1.5% at the 99th percentile, spectrum pixels to
-    0.2% / 2% (measured 2026-11-27: 0.049% / 0.54% and 0.094% / 0.84%); masses are exact in both."""
+    0.2% / 2% (measured 2026-11-27 with the two-chunk spectrum emulator: 0.049% / 0.54% and 0.065% /
+    0.73%; 0.094% / 0.84% with the one-chunk emulator before it); masses are exact in both."""
     exact, emulated = SpecPhotModel(), SpecPhotModel(sps="emulated")
     assert emulated.forward_model.emulated == ["spec", "phot"]
     _, _, _, tr = _histories(exact, 200, seed=8)
