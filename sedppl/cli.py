@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emulator: PCA components (per wavelength chunk; default 64)")
     t.add_argument("--chunks", type=int, default=1,
                    help="emulator: wavelength chunks of equal width in ln lambda, each with its own PCA and "
-                        "network (default 1)")
+                        "network, blended where neighbours overlap (default 1)")
     t.add_argument("--spectra", default=None,
                    help="vae: training spectra with redshifts (a `sedppl simulate` file, SDSS spec or DESI coadd)")
     t.add_argument("--n-latent", type=int, default=2,

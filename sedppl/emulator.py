@@ -16,6 +16,9 @@ a new chunk starts). Each chunk then has its own PCA basis of ``n_components``
 and its own MLP (Kwon, Hahn & Alsing 2023 chunk their PROVABGS emulator the same
 way): each network has a simpler function to fit, at the cost of one network
 evaluation per chunk. The scalar outputs come from the first chunk's network.
+Around each cut, neighbouring chunks overlap by ``chunk_overlap`` pixels on either
+side and their spectra are blended with linear weights, so the emulated spectrum
+has no step where one chunk's errors give way to the next one's.
 
 Inputs that the simulator interpolates linearly on a grid (the metallicity of an
 SSP synthesis) make the spectrum a piecewise-linear function of them, with a kink
@@ -78,6 +81,8 @@ class EmulatorCard:
         n_components: PCA components (per chunk); hidden: MLP widths (per chunk).
         chunks: Pixel indices, increasing, in 1..L-1, where a new wavelength chunk starts, each with its
             own PCA and MLP ([]: one chunk).
+        chunk_overlap: Pixels on either side of each cut that both neighbouring chunks cover; their
+            spectra are blended there with weights linear in pixel index (0: abutting chunks).
         n_train, n_valid: Training and validation set sizes.
         accuracy: Validation figures, e.g. {"median_abs_frac": ..., "p99_abs_frac": ...}.
         sha256: Checksum of the weights file.
@@ -96,6 +101,7 @@ class EmulatorCard:
     n_components: int = 32
     hidden: list[int] = field(default_factory=lambda: [256, 256, 256])
     chunks: list[int] = field(default_factory=list)
+    chunk_overlap: int = 0
     n_train: int = 0
     n_valid: int = 0
     accuracy: dict = field(default_factory=dict)
@@ -127,13 +133,18 @@ class SpectrumEmulator(nn.Module):
             raise ValueError(f"chunks must be increasing pixel indices in 1..{n_wave - 1}, got {card.chunks}")
         self.bounds = [0, *card.chunks, n_wave]
         n_chunks = len(self.bounds) - 1
+        ov = card.chunk_overlap
+        if ov < 0 or (n_chunks > 1 and 2 * ov > min(np.diff(self.bounds))):
+            raise ValueError(f"chunk_overlap must be >= 0 and at most half the narrowest chunk "
+                             f"({min(np.diff(self.bounds)) // 2} pixels), got {ov}")
         self.register_buffer("input_grid", torch.tensor(card.input_grid, dtype=torch.float32), persistent=False)
         d = d + len(card.grid_inputs) * len(card.input_grid)  # network inputs
         self.register_buffer("param_shift", torch.zeros(d))
         self.register_buffer("param_scale", torch.ones(d))
         self.register_buffer("log_mean", torch.zeros(n_wave))
         self.register_buffer("log_sd", torch.ones(n_wave))
-        self.register_buffer("basis", torch.zeros(k, n_wave))
+        # (C K, L): chunk c's principal components times its blending weight, zero outside its span
+        self.register_buffer("basis", torch.zeros(n_chunks * k, n_wave))
         self.register_buffer("out_shift", torch.zeros(n_chunks * k + s))
         self.register_buffer("out_scale", torch.ones(n_chunks * k + s))
         self.register_buffer("low", torch.tensor(card.param_low, dtype=torch.float32))
@@ -157,17 +168,34 @@ class SpectrumEmulator(nn.Module):
         outs = [net(x) for net in self.mlp]
         return torch.cat([outs[0][..., :k], *outs[1:], outs[0][..., k:]], -1)
 
+    def spans(self) -> list[tuple[int, int]]:
+        """Pixel range [lo, hi) of each chunk, overlaps included."""
+        ov, b = self.card.chunk_overlap, self.bounds
+        return [(max(0, lo - ov), min(b[-1], hi + ov)) for lo, hi in zip(b[:-1], b[1:])]
+
+    def blend_weights(self) -> Tensor:
+        """Weight of each chunk at each pixel, (C, L), float64: 1 inside the chunk, 0 outside its span,
+        linear in pixel index across the 2 ``chunk_overlap`` pixels around a cut, where the two
+        neighbours' weights sum to 1."""
+        ov, b = self.card.chunk_overlap, self.bounds
+        pix = torch.arange(b[-1], dtype=torch.float64)
+
+        def past(cut: int) -> Tensor:  # 0 before the cut's ramp, 1 after it
+            return ((pix - cut + ov + 0.5) / (2 * ov)).clamp(0, 1) if ov else (pix >= cut).double()
+
+        ones = torch.ones_like(pix)
+        return torch.stack([(past(lo) if c else ones) * (1 - past(hi) if c < self.n_chunks - 1 else ones)
+                            for c, (lo, hi) in enumerate(zip(b[:-1], b[1:]))])
+
     def project(self, z: Tensor) -> Tensor:
-        """PCA coefficients (N, C K) of standardised log spectra z (N, L), chunk by chunk."""
-        b = self.bounds
-        return torch.cat([z[:, lo:hi] @ self.basis[:, lo:hi].T for lo, hi in zip(b[:-1], b[1:])], 1)
+        """The coefficients (N, C K) whose rebuilt spectra are closest (least squares) to standardised log
+        spectra z (N, L); with one chunk, or abutting ones, their PCA projections."""
+        gram = (self.basis.double() @ self.basis.double().T)
+        return torch.linalg.solve(gram, (self.basis @ z.T).double()).T.to(z.dtype)
 
     def rebuild(self, coef: Tensor) -> Tensor:
         """Log spectra (..., L) from PCA coefficients (..., C K)."""
-        k, b = self.card.n_components, self.bounds
-        z = torch.cat([coef[..., c * k:(c + 1) * k] @ self.basis[:, lo:hi]
-                       for c, (lo, hi) in enumerate(zip(b[:-1], b[1:]))], -1)
-        return self.log_mean + self.log_sd * z
+        return self.log_mean + self.log_sd * (coef @ self.basis)
 
     @property
     def wave(self) -> Tensor:

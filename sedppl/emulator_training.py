@@ -61,8 +61,10 @@ def fit_pca(emu: SpectrumEmulator, theta: Tensor, log_flux: Tensor, scalars: Ten
     emu.log_mean.copy_(log_flux.mean(0))
     emu.log_sd.copy_(log_flux.std(0).clamp(min=1e-8))
     z = (log_flux - emu.log_mean) / emu.log_sd
-    for lo, hi in zip(emu.bounds[:-1], emu.bounds[1:]):
-        emu.basis[:, lo:hi] = _principal_components(z[:, lo:hi], k)
+    blend = emu.blend_weights().float()
+    emu.basis.zero_()
+    for c, (lo, hi) in enumerate(emu.spans()):
+        emu.basis[c * k:(c + 1) * k, lo:hi] = _principal_components(z[:, lo:hi], k) * blend[c, lo:hi]
     out = torch.cat([emu.project(z), scalars], dim=1)
     emu.out_shift.copy_(out.mean(0))
     emu.out_scale.copy_(out.std(0).clamp(min=1e-8))
@@ -188,17 +190,13 @@ def _loss_function(emu: SpectrumEmulator) -> Callable[[Tensor, Tensor], Tensor]:
 
     With d the error of the standardised coefficients, the spectrum's error is
     (d * scale) @ basis * sd per pixel; its mean square over L pixels is the quadratic form
-    d G d / L with G = diag(scale) basis diag(sd^2) basis^T diag(scale), (K, K) per wavelength
-    chunk (block-diagonal over chunks, (C K, C K)), computed once, so a training step costs
-    O(C K^2) rather than O(K L) per spectrum."""
+    d G d / L with G = diag(scale) basis diag(sd^2) basis^T diag(scale), (C K, C K) for C
+    wavelength chunks, computed once, so a training step costs O((C K)^2) rather than O(C K L)
+    per spectrum."""
     k = emu.card.n_components * emu.n_chunks
     basis = emu.basis.double() * emu.log_sd.double()
-    gram = torch.zeros(k, k, dtype=torch.float64)
-    for c, (lo, hi) in enumerate(zip(emu.bounds[:-1], emu.bounds[1:])):
-        sl = slice(c * emu.card.n_components, (c + 1) * emu.card.n_components)
-        gram[sl, sl] = basis[:, lo:hi] @ basis[:, lo:hi].T
     scale = emu.out_scale[:k].double()
-    gram = (scale[:, None] * gram * scale[None, :] / basis.shape[1]).float()
+    gram = (scale[:, None] * (basis @ basis.T) * scale[None, :] / basis.shape[1]).float()
     scalar_scale = emu.out_scale[k:]
 
     def loss(pred: Tensor, target: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ zoo key        branch    rest-frame grid (vacuum)
                          rest 2425-11143 A, 1,526 pixels at dlnlam = 1e-3
 ``specphot``   ``spec``  ``SpecPhotModel``'s spectrum grid (DESI 3600-9824 A at 0.002 <= z
                          <= 1.1): rest 1711-9826 A, 11,655 pixels at dlnlam = 1.5e-4,
-                         two wavelength chunks
+                         two blended wavelength chunks
 ``specphot``   ``phot``  ``SpecPhotModel``'s photometry grid (g, r, z, W1, W2 at 0.002 <= z
                          <= 1.1): rest 1792 A - 5.60 um, 3,443 pixels at dlnlam = 1e-3
 =============  ========  ============================================================

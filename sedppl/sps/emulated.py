@@ -201,7 +201,8 @@ def train_branch_emulator(model, branch: str, out: str | Path, n_train: int = 50
         n_train, n_valid: Training and validation draws from the model's prior.
         n_components, hidden: PCA components and MLP widths (per wavelength chunk).
         n_chunks: Wavelength chunks of equal width in ln lambda (equal pixel counts), each with its own
-            PCA and MLP (card ``chunks``).
+            PCA and MLP (card ``chunks``); neighbours overlap and blend over 1/30 of a chunk's pixels
+            on either side of each cut (card ``chunk_overlap``).
         seed: Seed of draws and initialisation.
         **kwargs: Passed to :func:`sedppl.emulator_training.train_emulator` (schedule, patience, max_epochs).
 
@@ -233,6 +234,7 @@ def train_branch_emulator(model, branch: str, out: str | Path, n_train: int = 50
                         wave=exact.wave.double().tolist(), air=False, flux_unit=FLUX_UNIT,
                         scalar_names=["ln_surviving_fraction"], n_components=n_components, hidden=list(hidden),
                         chunks=[round(c * n_wave / n_chunks) for c in range(1, n_chunks)],
+                        chunk_overlap=n_wave // (30 * n_chunks) if n_chunks > 1 else 0,
                         # the synthesis interpolates linearly in log Z: kinks at the grid's metallicities
                         grid_inputs=list(range(n_bins, 2 * n_bins)), input_grid=exact.log_z.double().tolist(),
                         notes=f"exact BC03+MILES synthesis (t_bc = {exact.t_bc} Gyr) of {type(model).__name__}'s "
