@@ -139,8 +139,9 @@ def test_training_resumes(simulator, tmp_path):
 
 @pytest.mark.parametrize("chunks,overlap", [([], 0), ([120, 200], 0), ([120, 200], 20)])
 def test_training_loss_is_the_mean_square_log_spectrum_error(chunks, overlap):
-    """The training loss (a K x K quadratic form per wavelength chunk) equals the mean square error of the
-    rebuilt natural-log spectrum over pixels plus that of the scalars, computed directly (float32, rtol 1e-5)."""
+    """The training loss (a C K x C K quadratic form for C wavelength chunks, with cross terms where chunks
+    overlap) equals the mean square error of the rebuilt natural-log spectrum over pixels plus that of the
+    scalars, computed directly (float32, rtol 1e-5)."""
     from sedppl.emulator_training import _loss_function
 
     torch.manual_seed(0)
