@@ -146,10 +146,11 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _zoo_model(name: str, sps: str = "exact"):
+def _zoo_model(name: str, sps: str = "exact", phot_rest_range=None):
     from .zoo import PhotometryModel, SpecPhotModel
 
-    return SpecPhotModel(sps=sps) if name == "specphot" else PhotometryModel(sps=sps)
+    cls = SpecPhotModel if name == "specphot" else PhotometryModel
+    return cls(sps=sps, phot_rest_range=None if phot_rest_range is None else tuple(phot_rest_range))
 
 
 def _train_emulator(args: argparse.Namespace) -> int:
@@ -157,8 +158,10 @@ def _train_emulator(args: argparse.Namespace) -> int:
 
     if args.n_train < 100:
         raise ValueError("--n-train must be >= 100")
-    model = _zoo_model(args.model)
     branch = args.branch or ("spec" if args.model == "specphot" else "phot")
+    if args.rest_range is not None and branch != "phot":
+        raise ValueError("--rest-range widens the photometry grid: use it with --branch phot")
+    model = _zoo_model(args.model, phot_rest_range=args.rest_range)
     out = args.out if args.out != "posterior.safetensors" else f"emulator_{args.model}_{branch}.safetensors"
     t0 = time.time()
     emu = train_branch_emulator(model, branch, out, n_train=args.n_train, n_valid=max(100, args.n_train // 10),
@@ -470,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--chunks", type=int, default=1,
                    help="emulator: wavelength chunks of equal width in ln lambda, each with its own PCA and "
                         "network, blended where neighbours overlap (default 1)")
+    t.add_argument("--rest-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="emulator, photometry grid: rest-frame vacuum Angstrom to cover beyond what the bands "
+                        "need, whole pixels added (the shipped ones: 2000 60000); the emulator then serves any "
+                        "model whose grid is a run of its pixels")
     t.add_argument("--spectra", default=None,
                    help="vae: training spectra with redshifts (a `sedppl simulate` file, SDSS spec or DESI coadd)")
     t.add_argument("--n-latent", type=int, default=2,

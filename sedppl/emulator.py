@@ -193,9 +193,12 @@ class SpectrumEmulator(nn.Module):
         gram = (self.basis.double() @ self.basis.double().T)
         return torch.linalg.solve(gram, (self.basis @ z.T).double()).T.to(z.dtype)
 
-    def rebuild(self, coef: Tensor) -> Tensor:
-        """Log spectra (..., L) from PCA coefficients (..., C K)."""
-        return self.log_mean + self.log_sd * (coef @ self.basis)
+    def rebuild(self, coef: Tensor, pixels: slice | None = None) -> Tensor:
+        """Log spectra (..., L) from PCA coefficients (..., C K); only the card's wavelengths
+        ``pixels`` (a slice, contiguous) when given."""
+        if pixels is None:
+            return self.log_mean + self.log_sd * (coef @ self.basis)
+        return self.log_mean[pixels] + self.log_sd[pixels] * (coef @ self.basis[:, pixels])
 
     @property
     def wave(self) -> Tensor:
@@ -236,12 +239,23 @@ class SpectrumEmulator(nn.Module):
         """Standardised network outputs mapped back: (..., C K + S) PCA coefficients and scalars."""
         return self.network(self.standardise(theta)) * self.out_scale + self.out_shift
 
-    def forward(self, theta: Tensor, check: bool = True) -> tuple[Tensor, Tensor]:
+    def forward(self, theta: Tensor, check: bool = True, pixels: slice | None = None) -> tuple[Tensor, Tensor]:
+        """Emulate.
+
+        Arguments:
+            theta: Parameters, (..., D), in the card's ``param_names`` order.
+            check: Raise on NaN inputs and warn outside the trained box.
+            pixels: A contiguous slice of the card's wavelengths to emulate (cheaper than all of
+                them); None for all.
+
+        Returns:
+            The log spectra (..., L) in the card's ``flux_unit`` and the scalars (..., S).
+        """
         if check:
             self.check_inputs(theta)
         out = self.coefficients(theta)
         kc = self.card.n_components * self.n_chunks
-        return self.rebuild(out[..., :kc]), out[..., kc:]
+        return self.rebuild(out[..., :kc], pixels), out[..., kc:]
 
     # ----------------------------------------------------------------- files
     def save(self, path: str | Path) -> Path:

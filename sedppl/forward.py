@@ -63,6 +63,17 @@ class ModelOutput:
     line_luminosity: Tensor | None = None
 
 
+def widen_log_grid(lo: float, hi: float, dlnlam: float, want_lo: float, want_hi: float) -> tuple[float, float]:
+    """The (first, last) pixel centres of a grid uniform in ln(lambda) (see
+    :func:`sedppl.sps.grid.log_wave_grid`) that starts at ``lo`` and reaches ``hi``, widened by
+    whole pixels of ``dlnlam`` until it covers ``want_lo``-``want_hi`` (same units, e.g.
+    Angstrom): the pixels of the narrower grid are pixels of the wider one."""
+    if not 0 < want_lo < want_hi:
+        raise ValueError(f"a rest-frame range must satisfy 0 < min < max, got ({want_lo}, {want_hi})")
+    n_below = max(0, int(np.ceil(np.log(lo / want_lo) / dlnlam - 1e-9)))
+    return lo * float(np.exp(-n_below * dlnlam)), max(hi, want_hi)
+
+
 class _Branch(torch.nn.Module):
     """Synthesis + nebular emission + dust on one rest-frame grid, uniform in ln(lambda) in vacuum.
 
@@ -145,6 +156,11 @@ class ForwardModel(torch.nn.Module):
         phot_dlnlam: ln(lambda) step of the coarse rest-frame grid for photometry.
         ssp_rank: Low-rank SSP factorisation for speed (see
             :class:`sedppl.sps.synthesis.StellarSynthesis`); None for the exact sum.
+        phot_rest_range: (min, max) rest-frame wavelengths, vacuum Angstrom, that the
+            photometry grid must cover beyond what the bands need over ``z_range``
+            (e.g. (2000, 60000) to train an emulator that serves other bands too);
+            the grid grows by whole pixels at either end, so the pixels the bands
+            need, and so the band fluxes, are unchanged. None: what the bands need.
     """
 
     def __init__(self, grid: SSPGrid | None = None, wave_obs: np.ndarray | None = None,
@@ -152,7 +168,8 @@ class ForwardModel(torch.nn.Module):
                  resolving_power: float | np.ndarray | None = None, fwhm: float | np.ndarray | None = None,
                  nebular: bool = True, t_bc: float = 0.01, fesc: float = 0.0,
                  cosmology: Cosmology | None = None, spec_dlnlam: float = 1.5e-4,
-                 phot_dlnlam: float = 1e-3, ssp_rank: int | None = None):
+                 phot_dlnlam: float = 1e-3, ssp_rank: int | None = None,
+                 phot_rest_range: tuple[float, float] | None = None):
         super().__init__()
         grid = load_bc03_miles() if grid is None else grid
         if not 0 <= z_range[0] < z_range[1]:
@@ -191,6 +208,8 @@ class ForwardModel(torch.nn.Module):
             self.photometry = Photometry(bands)
             lo = self.photometry.wave_min / (1 + z_range[1]) / 1.01
             hi = self.photometry.wave_max / (1 + z_range[0]) * 1.01
+            if phot_rest_range is not None:
+                lo, hi = widen_log_grid(lo, hi, phot_dlnlam, *phot_rest_range)
             self.phot = _Branch(grid, lo, hi, phot_dlnlam, t_bc, nebular, fesc, ssp_rank)
             self.log_photometry = LogGridPhotometry(self.photometry, self.phot.edges_vac, self.z_range)
         self.nebular = nebular

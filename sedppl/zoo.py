@@ -144,6 +144,9 @@ class SpecPhotModel(_ZooModel):
             light on the default rest-frame grids of the spectrum and of the photometry:
             :mod:`sedppl.emulators`), or {branch: emulator or path} for the ``"spec"`` and
             ``"phot"`` branches (:mod:`sedppl.sps.emulated`).
+        phot_rest_range: (min, max) rest-frame vacuum Angstrom the photometry grid must cover
+            beyond what the bands need (see :class:`~sedppl.forward.ForwardModel`); used to
+            train the shipped emulator over 2000 A - 6 um. None: what the bands need.
     """
 
     key = "specphot"
@@ -151,12 +154,14 @@ class SpecPhotModel(_ZooModel):
     def __init__(self, wave: np.ndarray = DESI_WAVE, bands: list[str] = DESI_BANDS,
                  z_range: tuple[float, float] = (0.002, 1.1), resolving_power: float | None = 3000.0,
                  ssp_rank: int | None = None, photometry_floor: float = 0.02,
-                 fiber_fraction: tuple[float, float] | None = None, n_calibration: int = 0, sps="exact"):
+                 fiber_fraction: tuple[float, float] | None = None, n_calibration: int = 0, sps="exact",
+                 phot_rest_range: tuple[float, float] | None = None):
         self.fiber_fraction = fiber_fraction
         self.n_calibration = int(n_calibration)
         self.bands = list(bands)
         self.forward_model = ForwardModel(wave_obs=wave, bands=self.bands, z_range=z_range,
-                                          resolving_power=resolving_power, ssp_rank=ssp_rank)
+                                          resolving_power=resolving_power, ssp_rank=ssp_rank,
+                                          phot_rest_range=phot_rest_range)
         self.photometry_floor = photometry_floor
         self._set_sps(sps)
 
@@ -202,14 +207,17 @@ class PhotometryModel(_ZooModel):
         nebular: Include nebular emission.
         sps: ``"exact"`` synthesis, ``"emulated"`` (the shipped emulator of the older stars'
             light on this model's default grid, :mod:`sedppl.emulators`), or {"phot": emulator or path}.
+        phot_rest_range: As for :class:`SpecPhotModel`.
     """
 
     key = "phot"
 
     def __init__(self, bands: list[str] = SDSS_BANDS, z_range: tuple[float, float] = (0.01, 0.2),
-                 photometry_floor: float = 0.02, nebular: bool = True, sps="exact"):
+                 photometry_floor: float = 0.02, nebular: bool = True, sps="exact",
+                 phot_rest_range: tuple[float, float] | None = None):
         self.bands = list(bands)
-        self.forward_model = ForwardModel(bands=self.bands, z_range=z_range, nebular=nebular)
+        self.forward_model = ForwardModel(bands=self.bands, z_range=z_range, nebular=nebular,
+                                          phot_rest_range=phot_rest_range)
         self.photometry_floor = photometry_floor
         self._set_sps(sps)
 

@@ -152,6 +152,29 @@ def test_constructor_errors(grid):
         ForwardModel(grid, wave_obs=np.array([4000.0, 3999.0, 4001.0]))
 
 
+def test_widened_photometry_grid_keeps_the_band_fluxes(grid):
+    """``phot_rest_range`` adds whole pixels at either end of the photometry grid: the pixels the
+    bands need are among the wider grid's (relative 1e-9), it covers the asked range, and the band
+    fluxes of a galaxy are unchanged to relative 1e-6 (measured 1.6e-7: the rebinned SSPs are stored
+    in float32, and edges equal to 1e-15 can round differently)."""
+    narrow = ForwardModel(grid, bands=["sdss_u", "sdss_z"], z_range=(0.01, 0.2)).double()
+    wide = ForwardModel(grid, bands=["sdss_u", "sdss_z"], z_range=(0.01, 0.2), phot_rest_range=(2000.0, 60000.0)).double()
+    wn, ww = narrow.phot.wave.double().numpy(), wide.phot.wave.double().numpy()
+    assert ww[0] <= 2000.0 < ww[1] and ww[-1] >= 60000.0 and len(ww) > 2 * len(wn)
+    start = int(np.argmin(np.abs(ww - wn[0])))
+    np.testing.assert_allclose(ww[start:start + len(wn)], wn, rtol=1e-6)  # float32 buffers
+    np.testing.assert_allclose(wide.phot.edges_vac[start:start + len(wn) + 1].numpy(), narrow.phot.edges_vac.numpy(),
+                               rtol=1e-9)
+    mass, edges, logz = galaxy()
+    for z in (0.02, 0.18):
+        zt = torch.tensor(z, dtype=torch.float64)
+        a = narrow(mass, edges, logz, zt, av=0.4, av_bc=0.5, log_u=-2.5).photometry
+        b = wide(mass, edges, logz, zt, av=0.4, av_bc=0.5, log_u=-2.5).photometry
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="rest-frame range"):
+        ForwardModel(grid, bands=["sdss_u"], phot_rest_range=(6000.0, 2000.0))
+
+
 def test_desi_three_arms(grid):
     """DESI's overlapping B, R, Z arms: each arm's model equals the single-grid model on the same
     pixels (exactly without broadening; away from the arm ends with velocity dispersion)."""

@@ -20,7 +20,9 @@ light exactly, so the emulator needs no dust parameters.
 
 One emulator serves one rest-frame grid (a forward-model branch: the fine grid
 of a spectrum or the coarse grid of photometry): its card's wavelengths must be
-that grid's (vacuum Angstrom). :func:`train_branch_emulator` trains one from the
+that grid's (vacuum Angstrom), or contain it as a run of pixels (an emulator
+trained on a wider grid, e.g. 2000 A - 6 um, serves any model whose grid is
+part of it: see ``phot_rest_range`` of :class:`~sedppl.forward.ForwardModel`). :func:`train_branch_emulator` trains one from the
 exact synthesis with draws from a model's own prior.
 
 References:
@@ -94,12 +96,7 @@ class EmulatedSynthesis(torch.nn.Module):
         if names != parameter_names(n_bins):
             raise ValueError(f"this emulator's inputs ({', '.join(names[:3])}, ...) are not those of an emulated "
                              f"synthesis ({', '.join(parameter_names(n_bins)[:3])}, ...)")
-        wave = np.asarray(card.wave)
-        if card.air or len(wave) != len(exact.wave) or not np.allclose(wave, exact.wave.double().numpy(), rtol=1e-6):
-            raise ValueError(f"the emulator's rest-frame grid ({len(wave)} pixels, {wave[0]:.1f}-{wave[-1]:.1f} A"
-                             f"{', air' if card.air else ''}) is not this model's ({len(exact.wave)} pixels, "
-                             f"{float(exact.wave[0]):.1f}-{float(exact.wave[-1]):.1f} A, vacuum): "
-                             "train one for this grid (sedppl train emulator)")
+        self.pixels = _sub_grid(np.asarray(card.wave), exact.wave.double().numpy(), card.air)
         self.exact = exact
         self.emulator = emulator.requires_grad_(False)  # gradients flow to the inputs only
         self.n_bins = n_bins
@@ -142,11 +139,25 @@ class EmulatedSynthesis(torch.nn.Module):
         batch = torch.broadcast_shapes(mass.shape[:-1], edges.shape[:-1], logz.shape[:-1])
         mass, edges, logz = (x.expand(*batch, x.shape[-1]) for x in (mass, edges, logz))
         self.check_bins(edges)
-        log_old, _ = self.emulator(emulator_inputs(mass, edges, logz).to(dtype))
+        log_old, _ = self.emulator(emulator_inputs(mass, edges, logz).to(dtype), pixels=self.pixels)
         old = torch.exp(log_old.to(dtype)) * masses.mass_formed[..., None]
         wz0 = linear_interp_weights(self.exact.log_z, logz[..., 0], "log10 Z/Zsun")  # (..., Z)
         young = (mass[..., :1] * wz0) @ self.young_basis
         return Population(young, old, masses.mass_formed, masses.surviving_mass, None, masses.living_mass)
+
+
+def _sub_grid(emulated: np.ndarray, model: np.ndarray, air: bool) -> slice | None:
+    """The slice of an emulator's wavelengths ``emulated`` that is the model's grid ``model`` (both
+    Angstrom; None when they are the same), or ``ValueError`` when the model's grid is not a run of
+    the emulator's pixels."""
+    n = len(model)
+    start = int(np.searchsorted(emulated, model[0] * (1 - 1e-6)))
+    if not air and start + n <= len(emulated) and np.allclose(emulated[start:start + n], model, rtol=1e-6):
+        return None if (start == 0 and n == len(emulated)) else slice(start, start + n)
+    raise ValueError(f"the emulator's rest-frame grid ({len(emulated)} pixels, {emulated[0]:.1f}-{emulated[-1]:.1f} A"
+                     f"{', air' if air else ''}) does not contain this model's ({n} pixels, "
+                     f"{model[0]:.1f}-{model[-1]:.1f} A, vacuum) as a run of its pixels: train one for this grid "
+                     "(sedppl train emulator)")
 
 
 def exact_simulator(exact: StellarSynthesis, n_bins: int) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
@@ -239,7 +250,8 @@ def train_branch_emulator(model, branch: str, out: str | Path, n_train: int = 50
                         grid_inputs=list(range(n_bins, 2 * n_bins)), input_grid=exact.log_z.double().tolist(),
                         notes=f"exact BC03+MILES synthesis (t_bc = {exact.t_bc} Gyr) of {type(model).__name__}'s "
                               f"'{branch}' branch; continuity bins (sedppl.sfh.continuity_edges, {n_bins} bins); "
-                              f"draws from the model's prior, z in {fm.z_range}")
+                              f"draws from the model's prior, z in {fm.z_range}; rest {float(exact.wave[0]):.0f}-"
+                              f"{float(exact.wave[-1]):.0f} A")
     return train_emulator(exact_simulator(exact, n_bins), prior, card, out, n_train=n_train, n_valid=n_valid,
                           seed=seed, progress=progress, **kwargs)
 
