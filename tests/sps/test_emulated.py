@@ -10,7 +10,7 @@ import torch
 from pyro import poutine
 
 from sedppl.emulator import SpectrumEmulator, fractional_errors
-from sedppl.emulators import SHIPPED, shipped_emulators
+from sedppl.emulators import PHOT_REST_RANGE, SHIPPED, shipped_emulators
 from sedppl.sfh import continuity_edges
 from sedppl.sps.emulated import (
     EmulatedSynthesis,
@@ -20,7 +20,7 @@ from sedppl.sps.emulated import (
     prior_histories,
     train_branch_emulator,
 )
-from sedppl.zoo import PhotometryModel, SpecPhotModel
+from sedppl.zoo import SDSS_BANDS, PhotometryModel, SpecPhotModel
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +43,17 @@ def test_shipped_emulator_meets_its_card(key, branch):
     """Every shipped emulator, on 1,500 prior draws of its model never used in training (seed 123):
     per-pixel |df/f| of the older stars' light, median and 99th percentile within 25% of the card's
     validation figures (5,000 draws), and the surviving-fraction output within 2x its card's maximum
-    error. The draws are its model's own prior; the exact synthesis runs in float64."""
-    model = {"phot": PhotometryModel, "specphot": SpecPhotModel}[key]()
+    error. The draws are its model's own prior; the exact synthesis runs in float64. Photometry grids
+    are checked over the whole grid they were trained on: the model's own, or one widened to 2000 A - 6 um
+    (``PHOT_REST_RANGE``)."""
+    cls = {"phot": PhotometryModel, "specphot": SpecPhotModel}[key]
     path = shipped_emulators(key)[branch]
     emu = SpectrumEmulator.load(path)
     card = json.loads(path.with_suffix(".json").read_text())
+    model = cls()
+    if len(card["wave"]) > len(getattr(model.forward_model, branch).wave):
+        model = cls(phot_rest_range=PHOT_REST_RANGE)
+    np.testing.assert_allclose(card["wave"], getattr(model.forward_model, branch).wave.double().numpy(), rtol=1e-6)
     n_bins = _model_bins(model)
     theta = prior_histories(model, n_bins)(1500, torch.Generator().manual_seed(123))
     log_flux, scalars = exact_simulator(getattr(model.forward_model, branch).stars, n_bins)(theta)
@@ -65,6 +71,30 @@ def test_shipped_emulator_meets_its_card(key, branch):
     goal = err[:, (wave >= 2000) & (wave <= 10000)]
     print(f"{key}/{branch}: 2000-10000 A median {np.median(goal):.2e}, 99th percentile {np.percentile(goal, 99):.2e}")
     assert np.median(goal) < 1e-3 and np.percentile(goal, 99) < 1e-2, (np.median(goal), np.percentile(goal, 99))
+
+
+def test_wider_emulator_serves_a_run_of_its_pixels(models):
+    """The shipped ugriz emulator spans 2000 A - 6 um; the model's own grid (2425-11143 A) is a run of
+    its pixels, and the emulated synthesis rebuilds that run alone: equal (float32, 1e-6) to the whole
+    emulated spectrum cut to it. A model with WISE W1 added (same first pixel, longer grid) takes the
+    same file; a grid that starts between its pixels is refused."""
+    _, emulated = models
+    synth = emulated.forward_model.phot.stars
+    wave = synth.emulator.wave.numpy()
+    assert wave[0] <= PHOT_REST_RANGE[0] < wave[1] and wave[-1] >= PHOT_REST_RANGE[1]  # issue 4: 2000 A - 6 um
+    pixels = synth.pixels
+    assert pixels is not None and pixels.start > 0 and pixels.stop < len(wave)
+    np.testing.assert_allclose(wave[pixels], synth.wave.double().numpy(), rtol=1e-6)
+    mass, edges, logz, _ = _histories(emulated, 3, seed=9)
+    with torch.no_grad():
+        old = synth(mass, edges, logz, edges[:, -1]).old
+        full, _ = synth.emulator(emulator_inputs(mass, edges, logz))
+    torch.testing.assert_close(old, torch.exp(full[:, pixels]) * mass.sum(-1, keepdim=True), rtol=1e-5, atol=0)
+    w1 = PhotometryModel(bands=[*SDSS_BANDS, "wise_w1"], sps="emulated")
+    w1_synth = w1.forward_model.phot.stars
+    assert w1_synth.pixels.start == pixels.start and w1_synth.pixels.stop > pixels.stop
+    with pytest.raises(ValueError, match="run of its pixels"):
+        PhotometryModel(bands=SDSS_BANDS[1:], sps="emulated")  # starts at g's blue edge
 
 
 def test_emulated_model_photometry_matches_exact(models):
