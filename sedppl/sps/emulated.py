@@ -80,8 +80,9 @@ class EmulatedSynthesis(torch.nn.Module):
     Arguments:
         exact: The exact synthesis of the same rest-frame grid (kept for the young
             light and the masses, and for its checks of the inputs).
-        emulator: A :class:`SpectrumEmulator` trained on that grid with the inputs of
-            :func:`emulator_inputs`.
+        emulator: A :class:`SpectrumEmulator` trained with the inputs of :func:`emulator_inputs`
+            on that grid, or on a wider one that holds it as a run of its pixels (``pixels``
+            is then that run, the only wavelengths it rebuilds; None for the same grid).
 
     Called like :meth:`StellarSynthesis.forward`; returns a :class:`Population`
     (``mass_weights`` is None). Histories whose edges are not the continuity
