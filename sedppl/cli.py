@@ -154,6 +154,7 @@ def _zoo_model(name: str, sps: str = "exact", phot_rest_range=None):
 
 
 def _train_emulator(args: argparse.Namespace) -> int:
+    from .emulator_training import DEFAULT_SCHEDULE
     from .sps.emulated import train_branch_emulator
 
     if args.n_train < 100:
@@ -163,11 +164,13 @@ def _train_emulator(args: argparse.Namespace) -> int:
         raise ValueError("--rest-range widens the photometry grid: use it with --branch phot")
     model = _zoo_model(args.model, phot_rest_range=args.rest_range)
     out = args.out if args.out != "posterior.safetensors" else f"emulator_{args.model}_{branch}.safetensors"
+    # cosine: one stage whose rate falls from 1e-3 to 1e-6 over --max-epochs epochs, all of which run
+    schedule = {"cosine": ((1e-3, 512, 1e-6),)}.get(args.schedule, DEFAULT_SCHEDULE)
     t0 = time.time()
     emu = train_branch_emulator(model, branch, out, n_train=args.n_train, n_valid=max(100, args.n_train // 10),
                                 n_components=args.n_components, n_chunks=args.chunks, seed=args.seed,
-                                max_epochs=args.max_epochs,
-                                patience=args.patience)
+                                max_epochs=args.max_epochs, patience=args.patience, schedule=schedule,
+                                device=args.device)
     acc = emu.card.accuracy
     print(f"[sedppl] trained in {time.time() - t0:.0f} s; on {emu.card.n_valid} validation draws |df/f| median "
           f"{acc['median_abs_frac']:.2e}, 99th percentile {acc['p99_abs_frac']:.2e}")
@@ -477,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emulator, photometry grid: rest-frame vacuum Angstrom to cover beyond what the bands "
                         "need, whole pixels added (the shipped ones: 2000 60000); the emulator then serves any "
                         "model whose grid is a run of its pixels")
+    t.add_argument("--schedule", choices=["staged", "cosine"], default="staged",
+                   help="emulator: staged: four (learning rate, batch) stages, each ended by --patience; cosine: "
+                        "one stage, rate 1e-3 falling to 1e-6 along a cosine over all --max-epochs epochs (the "
+                        "shipped photometry emulators' last stage; best with a few hundred epochs)")
+    t.add_argument("--device", default="cpu",
+                   help="emulator: device the network is fitted on, e.g. cuda (default cpu)")
     t.add_argument("--spectra", default=None,
                    help="vae: training spectra with redshifts (a `sedppl simulate` file, SDSS spec or DESI coadd)")
     t.add_argument("--n-latent", type=int, default=2,

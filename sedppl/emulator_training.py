@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -91,7 +92,7 @@ def _targets(emu: SpectrumEmulator, log_flux: Tensor, scalars: Tensor) -> Tensor
 def train_emulator(simulator: Simulator, prior: Prior, card: EmulatorCard, out: str | Path,
                    n_train: int = 50_000, n_valid: int = 5_000, seed: int = 0,
                    schedule: tuple[tuple[float, int], ...] = DEFAULT_SCHEDULE, patience: int = 20,
-                   max_epochs: int = 500, progress: bool = True) -> SpectrumEmulator:
+                   max_epochs: int = 500, progress: bool = True, device: str | torch.device = "cpu") -> SpectrumEmulator:
     """Train (or resume training) an emulator and save it with its card.
 
     Arguments:
@@ -102,15 +103,18 @@ def train_emulator(simulator: Simulator, prior: Prior, card: EmulatorCard, out: 
             ``*.ckpt`` folder keeps the simulations and checkpoint for resuming.
         n_train, n_valid: Set sizes.
         seed: Seed of the draws and of the network initialisation.
-        schedule: (learning rate, batch size) stages.
+        schedule: Stages of (learning rate, batch size), or (learning rate, batch size, final
+            learning rate) for a cosine decay over ``max_epochs`` (see :func:`fit_network`).
         patience: Epochs without validation improvement that end a stage.
         max_epochs: Cap on epochs per stage.
+        progress: Show progress bars.
+        device: Where the network is fitted (e.g. ``"cuda"``); simulation, PCA and the saved
+            emulator stay on the CPU. The fit is not bitwise the same on another device.
 
     Returns:
-        The trained emulator (best validation loss), also saved at ``out``.
+        The trained emulator (best validation loss), on the CPU, also saved at ``out``.
     """
     from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
 
     out = Path(out).with_suffix(".safetensors")
     ckpt = out.with_suffix(".ckpt")
@@ -134,23 +138,69 @@ def train_emulator(simulator: Simulator, prior: Prior, card: EmulatorCard, out: 
         x_tr, x_va = emu.standardise(theta[:n_train]), emu.standardise(theta[n_train:])
     y_all = _targets(emu, log_flux, scalars)
     y_tr, y_va = y_all[:n_train], y_all[n_train:]
+    fit_network(emu, *(t.to(device) for t in (x_tr, y_tr, x_va, y_va)), schedule=schedule, patience=patience,
+                max_epochs=max_epochs, seed=seed, checkpoint=ckpt, progress=progress)
+    emu.cpu()
+    with torch.no_grad():
+        pred, sc = emu(theta[n_train:], check=False)
+    err = fractional_errors(pred, log_flux[n_train:])
+    card.accuracy = accuracy_summary(err, np.asarray(card.wave))
+    card.accuracy["scalars_max_abs"] = float((sc - scalars[n_train:]).abs().max()) if sc.numel() else 0.0
+    emu.save(out)
+    return emu
+
+
+def fit_network(emu: SpectrumEmulator, x_tr: Tensor, y_tr: Tensor, x_va: Tensor, y_va: Tensor,
+                schedule: tuple[tuple[float, ...], ...] = DEFAULT_SCHEDULE, patience: int = 20,
+                max_epochs: int = 500, seed: int = 0, checkpoint: str | Path | None = None,
+                progress: bool = True) -> float:
+    """Fit an emulator's network(s) to standardised targets, on the device the tensors are on.
+
+    Arguments:
+        emu: The emulator, its PCA and standardisations already set (:func:`fit_pca`); it is moved
+            to the device of ``x_tr`` and left with its best weights (lowest validation loss).
+        x_tr, x_va: Standardised network inputs, (N, D + n G) (:meth:`SpectrumEmulator.standardise`).
+        y_tr, y_va: Standardised targets, (N, C K + S): PCA coefficients, then scalars.
+        schedule: Stages, each ``(learning rate, batch size)``, ending by early stopping after
+            ``patience`` epochs without improvement or at ``max_epochs``; or ``(learning rate, batch
+            size, final learning rate)``: the rate falls along a cosine to the final one over
+            ``max_epochs`` epochs, which all run.
+        patience, max_epochs: Early stopping and the cap on epochs, per stage.
+        seed: Seed of the batch order (it depends only on seed, stage and epoch).
+        checkpoint: Folder for the resumable state (``state.safetensors``, ``state.json``); None: none.
+        progress: Show a progress bar per stage.
+
+    Returns:
+        The best validation loss: mean square error of the rebuilt natural-log spectrum per pixel
+        plus that of the scalars.
+    """
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    emu.to(x_tr.device)
     loss_fn = _loss_function(emu)
-    state_file, meta_file = ckpt / "state.safetensors", ckpt / "state.json"
     meta = {"stage": 0, "epoch": 0, "best": float("inf"), "stale": 0}
     best_state = {k: v.clone() for k, v in emu.state_dict().items()}
-    if state_file.exists() and meta_file.exists():
-        meta = json.loads(meta_file.read_text())
-        saved = load_file(str(state_file))
-        emu.load_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("curr.")})
-        best_state = {k[5:]: v for k, v in saved.items() if k.startswith("best.")}
+    state_file = meta_file = None
+    if checkpoint is not None:
+        state_file, meta_file = Path(checkpoint) / "state.safetensors", Path(checkpoint) / "state.json"
+        if state_file.exists() and meta_file.exists():
+            meta = json.loads(meta_file.read_text())
+            saved = load_file(str(state_file), device=str(x_tr.device))
+            emu.load_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("curr.")})
+            best_state = {k[5:]: v for k, v in saved.items() if k.startswith("best.")}
+    n_train = len(x_tr)
     for stage in range(meta["stage"], len(schedule)):
-        lr, batch = schedule[stage]
+        lr, batch, *final = schedule[stage]
         opt = torch.optim.Adam(emu.mlp.parameters(), lr=lr)
         bar = tqdm(total=max_epochs, initial=meta["epoch"], disable=not progress, desc=f"stage {stage + 1}/{len(schedule)}")
-        while meta["epoch"] < max_epochs and meta["stale"] < patience:
+        while meta["epoch"] < max_epochs and (final or meta["stale"] < patience):
+            if final:
+                for group in opt.param_groups:
+                    group["lr"] = cosine_rate(lr, final[0], meta["epoch"], max_epochs)
             # batches depend only on (seed, stage, epoch), so a resumed run sees what an uninterrupted one does
             gen = torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + meta["epoch"])
-            perm = torch.randperm(n_train, generator=gen)
+            perm = torch.randperm(n_train, generator=gen).to(x_tr.device)
             emu.mlp.train()
             for i in range(0, n_train, batch):
                 idx = perm[i:i + batch]
@@ -167,21 +217,23 @@ def train_emulator(simulator: Simulator, prior: Prior, card: EmulatorCard, out: 
                 best_state = {k: v.clone() for k, v in emu.state_dict().items()}
             else:
                 meta["stale"] += 1
-            _checkpoint(emu, best_state, meta, state_file, meta_file)
+            if state_file is not None:
+                _checkpoint(emu, best_state, meta, state_file, meta_file)
             bar.set_postfix(val=f"{val:.2e}", best=f"{meta['best']:.2e}")
             bar.update(1)
         bar.close()
         emu.load_state_dict(best_state)  # next stage starts from the best so far
         meta.update(stage=stage + 1, epoch=0, stale=0)
-        _checkpoint(emu, best_state, meta, state_file, meta_file)
+        if state_file is not None:
+            _checkpoint(emu, best_state, meta, state_file, meta_file)
     emu.load_state_dict(best_state)
-    with torch.no_grad():
-        pred, sc = emu(theta[n_train:], check=False)
-    err = fractional_errors(pred, log_flux[n_train:])
-    card.accuracy = accuracy_summary(err, np.asarray(card.wave))
-    card.accuracy["scalars_max_abs"] = float((sc - scalars[n_train:]).abs().max()) if sc.numel() else 0.0
-    emu.save(out)
-    return emu
+    return meta["best"]
+
+
+def cosine_rate(start: float, end: float, epoch: int, n_epochs: int) -> float:
+    """Learning rate of a cosine decay from ``start`` (epoch 0) to ``end`` (epoch ``n_epochs`` - 1)."""
+    frac = min(epoch / max(n_epochs - 1, 1), 1.0)
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * frac))
 
 
 def _loss_function(emu: SpectrumEmulator) -> Callable[[Tensor, Tensor], Tensor]:

@@ -10,7 +10,8 @@ import torch
 
 from sedppl.dust import calzetti, transmission
 from sedppl.emulator import EmulatorCard, SpectrumEmulator, fractional_errors
-from sedppl.emulator_training import simulate, train_emulator
+from sedppl.emulator_training import (_loss_function, _targets, cosine_rate, fit_network, fit_pca, simulate,
+                                      train_emulator)
 from sedppl.sps.grid import log_wave_grid, rebin_grid
 from sedppl.sps.synthesis import StellarSynthesis
 
@@ -135,6 +136,38 @@ def test_training_resumes(simulator, tmp_path):
         resumed = train_emulator(run, prior, card(), tmp_path / "part", schedule=((1e-3, 64), (3e-4, 128)), **kw)
     theta = prior(50, torch.Generator().manual_seed(5))
     torch.testing.assert_close(resumed(theta)[0], full(theta)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_cosine_rate_falls_from_start_to_end():
+    """The cosine stage's rate: the start value at epoch 0, the end value at the last epoch, never rising."""
+    rates = [cosine_rate(1e-3, 1e-6, e, 20) for e in range(20)]
+    assert rates[0] == pytest.approx(1e-3, rel=1e-12) and rates[-1] == pytest.approx(1e-6, rel=1e-9)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_cosine_stage_runs_every_epoch_and_ends_lower(simulator):
+    """A (rate, batch, final rate) stage runs all ``max_epochs`` epochs whatever ``patience`` says, and on the
+    same epochs and batches its best validation loss is below that of a constant rate (fixed seed; the
+    rate's decay is what early stopping on a constant rate cannot give)."""
+    wave, run = simulator
+    theta = prior(700, torch.Generator().manual_seed(2))
+    log_flux, scalars = simulate(run, theta, progress=False)
+    fits = {}
+    for name, stage in (("cosine", (3e-3, 64, 1e-5)), ("constant", (3e-3, 64))):
+        torch.manual_seed(0)
+        emu = SpectrumEmulator(card_for(wave, n_components=8, hidden=[32, 32]))
+        fit_pca(emu, theta[:600], log_flux[:600], scalars[:600])
+        x, y = emu.standardise(theta), _targets(emu, log_flux, scalars)
+        calls = []
+        network = emu.network
+        emu.network = lambda z, network=network, calls=calls: calls.append(len(z)) or network(z)
+        fits[name] = fit_network(emu, x[:600], y[:600], x[600:], y[600:], schedule=(stage,), patience=1,
+                                 max_epochs=25, progress=False)
+        with torch.no_grad():
+            assert fits[name] == pytest.approx(float(_loss_function(emu)(network(x[600:]), y[600:])), rel=1e-6)
+        if name == "cosine":
+            assert calls.count(100) == 25  # one validation pass per epoch: every epoch ran
+    assert fits["cosine"] < fits["constant"], fits
 
 
 @pytest.mark.parametrize("chunks,overlap", [([], 0), ([120, 200], 0), ([120, 200], 20)])

@@ -216,7 +216,8 @@ def train_branch_emulator(model, branch: str, out: str | Path, n_train: int = 50
             PCA and MLP (card ``chunks``); neighbours overlap and blend over 1/30 of a chunk's pixels
             on either side of each cut (card ``chunk_overlap``).
         seed: Seed of draws and initialisation.
-        **kwargs: Passed to :func:`sedppl.emulator_training.train_emulator` (schedule, patience, max_epochs).
+        **kwargs: Passed to :func:`sedppl.emulator_training.train_emulator` (schedule, patience,
+            max_epochs, device).
 
     Returns:
         The trained :class:`SpectrumEmulator` (also saved), its card's ``accuracy`` measured on the
