@@ -17,23 +17,25 @@ zoo key        branch    rest-frame grid (vacuum)
                          <= 1.1): rest 1711-9826 A, 11,655 pixels at dlnlam = 1.5e-4,
                          two blended wavelength chunks
 ``specphot``   ``phot``  ``SpecPhotModel``'s photometry grid (g, r, z, W1, W2 at 0.002 <= z
-                         <= 1.1): rest 1792 A - 5.60 um, 3,443 pixels at dlnlam = 1e-3
-                         (one widened to 6 um missed the accuracy goal: docs/sps.md)
+                         <= 1.1: rest 1792 A - 5.60 um) widened by whole pixels to 6 um:
+                         rest 1792 A - 6.00 um, 3,513 pixels at dlnlam = 1e-3
 =============  ========  ============================================================
 
-The ugriz emulator covers the rest frame from 2000 A to 6 um: the model's own
-grid is a run of its pixels, and that run is all the model emulates
-(:class:`~sedppl.sps.emulated.EmulatedSynthesis`). The same file also serves a
-model whose grid starts on the same pixel and ends before 6 um, e.g.
+Both photometry-grid emulators cover the rest frame from 2000 A (the DESI one from
+1792 A) to 6 um: the model's own grid is a run of their pixels, and that run is all
+the model emulates (:class:`~sedppl.sps.emulated.EmulatedSynthesis`). The same file
+also serves a model whose grid starts on the same pixel and ends before 6 um, e.g.
 ``PhotometryModel`` with WISE W1 added to ugriz (its bluest band and redshifts,
-and so its first pixel, are the same).
+and so its first pixel, are the same). Their networks' last (ugriz) or only (DESI)
+training stage ran on a GPU (:func:`sedppl.emulator_training.fit_network`; the
+cards' notes say how).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-#: rest-frame range (vacuum Angstrom) that a widened photometry-grid emulator covers at least (the ugriz one)
+#: rest-frame range (vacuum Angstrom) that the shipped photometry-grid emulators cover at least
 PHOT_REST_RANGE = (2000.0, 60000.0)
 
 #: zoo key -> {branch: file stem}
