@@ -170,7 +170,7 @@ def _train_emulator(args: argparse.Namespace) -> int:
     emu = train_branch_emulator(model, branch, out, n_train=args.n_train, n_valid=max(100, args.n_train // 10),
                                 n_components=args.n_components, n_chunks=args.chunks, seed=args.seed,
                                 max_epochs=args.max_epochs, patience=args.patience, schedule=schedule,
-                                device=args.device)
+                                device=args.device, **({"hidden": tuple(args.hidden)} if args.hidden else {}))
     acc = emu.card.accuracy
     print(f"[sedppl] trained in {time.time() - t0:.0f} s; on {emu.card.n_valid} validation draws |df/f| median "
           f"{acc['median_abs_frac']:.2e}, 99th percentile {acc['p99_abs_frac']:.2e}")
@@ -484,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emulator: staged: four (learning rate, batch) stages, each ended by --patience; cosine: "
                         "one stage, rate 1e-3 falling to 1e-6 along a cosine over all --max-epochs epochs (the "
                         "shipped DESI photometry emulator's only stage: 493 epochs)")
+    t.add_argument("--hidden", type=int, nargs="+", default=None, metavar="WIDTH",
+                   help="emulator: widths of the network's hidden layers (per chunk; default 256 256 256; the "
+                        "shipped ones: 512 512 512 512)")
     t.add_argument("--device", default="cpu",
                    help="emulator: device the network is fitted on, e.g. cuda (default cpu)")
     t.add_argument("--spectra", default=None,

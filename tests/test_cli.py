@@ -125,17 +125,18 @@ def test_fit_nuts_and_compare_through_the_entry_point(tmp_path):
 
 
 def test_train_emulator_and_fit_with_the_emulated_sps(tmp_path):
-    """`sedppl train emulator` (tiny budget, ``--schedule cosine``) writes an emulator and its card for the
+    """`sedppl train emulator` (tiny budget, ``--schedule cosine``, ``--hidden``) writes an emulator and its card for the
     model's grid widened to 2000 A - 6 um (``--rest-range``);
     `sedppl fit --sps emulated` fits mocks with the shipped emulator (medians track the truth as with
     the exact synthesis)."""
     import json
 
     r = run("train", "emulator", "--model", "phot", "--n-train", "300", "--n-components", "8", "--max-epochs", "1",
-            "--rest-range", "2000", "60000", "--schedule", "cosine", "--out", str(tmp_path / "emu"))
+            "--rest-range", "2000", "60000", "--schedule", "cosine", "--hidden", "32", "32", "--out", str(tmp_path / "emu"))
     assert r.returncode == 0, r.stderr
     card = json.loads((tmp_path / "emu.json").read_text())
     assert card["n_train"] == 300 and card["param_names"][-1] == "ln_t_univ_gyr" and len(card["wave"]) > 3000
+    assert card["hidden"] == [32, 32]
     assert card["wave"][0] <= 2000 and card["wave"][-1] >= 60000  # the photometry grid widened to 2000 A - 6 um
     mocks = tmp_path / "m.fits"
     assert run("simulate", "--model", "phot", "--n", "20", "--z", "0.08", "--seed", "4", "--out", str(mocks)).returncode == 0
