@@ -7,7 +7,8 @@ elsewhere). A *prior* is a callable (n, generator) -> theta (n, D).
 Training: draw the sets, fit the PCA on the training log spectra, then Adam on
 the mean squared error of the rebuilt log spectrum and scalars through a schedule of
 (learning rate, batch size) stages, each ending by early stopping on the
-validation loss. A checkpoint (safetensors) is written at every epoch, so a
+validation loss (or stages whose rate decays along a cosine over a fixed number
+of epochs), on the CPU or a GPU. A checkpoint (safetensors) is written at every epoch, so a
 run interrupted at any point resumes where it stopped (at a stage boundary the
 result is identical to an uninterrupted run; within a stage Adam's moment
 estimates restart).
@@ -91,7 +92,7 @@ def _targets(emu: SpectrumEmulator, log_flux: Tensor, scalars: Tensor) -> Tensor
 
 def train_emulator(simulator: Simulator, prior: Prior, card: EmulatorCard, out: str | Path,
                    n_train: int = 50_000, n_valid: int = 5_000, seed: int = 0,
-                   schedule: tuple[tuple[float, int], ...] = DEFAULT_SCHEDULE, patience: int = 20,
+                   schedule: tuple[tuple[float, ...], ...] = DEFAULT_SCHEDULE, patience: int = 20,
                    max_epochs: int = 500, progress: bool = True, device: str | torch.device = "cpu") -> SpectrumEmulator:
     """Train (or resume training) an emulator and save it with its card.
 
@@ -217,15 +218,13 @@ def fit_network(emu: SpectrumEmulator, x_tr: Tensor, y_tr: Tensor, x_va: Tensor,
                 best_state = {k: v.clone() for k, v in emu.state_dict().items()}
             else:
                 meta["stale"] += 1
-            if state_file is not None:
-                _checkpoint(emu, best_state, meta, state_file, meta_file)
+            _checkpoint(emu, best_state, meta, state_file, meta_file)
             bar.set_postfix(val=f"{val:.2e}", best=f"{meta['best']:.2e}")
             bar.update(1)
         bar.close()
         emu.load_state_dict(best_state)  # next stage starts from the best so far
         meta.update(stage=stage + 1, epoch=0, stale=0)
-        if state_file is not None:
-            _checkpoint(emu, best_state, meta, state_file, meta_file)
+        _checkpoint(emu, best_state, meta, state_file, meta_file)
     emu.load_state_dict(best_state)
     return meta["best"]
 
@@ -261,9 +260,12 @@ def _loss_function(emu: SpectrumEmulator) -> Callable[[Tensor, Tensor], Tensor]:
     return loss
 
 
-def _checkpoint(emu, best_state, meta, state_file: Path, meta_file: Path) -> None:
+def _checkpoint(emu, best_state, meta, state_file: Path | None, meta_file: Path | None) -> None:
+    """Write the current and best weights and the progress; nothing when there is no checkpoint folder."""
     from safetensors.torch import save_file
 
+    if state_file is None:
+        return
     tensors = {f"curr.{k}": v.detach().contiguous() for k, v in emu.state_dict().items()}
     tensors.update({f"best.{k}": v.detach().contiguous() for k, v in best_state.items()})
     save_file(tensors, str(state_file.with_suffix(".tmp")))
