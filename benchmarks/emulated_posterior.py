@@ -67,7 +67,7 @@ from sedppl.noise import site_mean, site_scale
 from sedppl.zoo import PhotometryModel, SpecPhotModel
 
 
-def means(model, coords: UnconstrainedCoordinates, u: torch.Tensor, obs) -> tuple[torch.Tensor, ...]:
+def means(model, coords: UnconstrainedCoordinates, u: torch.Tensor, obs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Model mean (B, M) of every observed pixel and band at u (B, D), their sigma (B, M), log10 M* (B,)."""
     values, _ = coords.constrain(u)
     tr = poutine.trace(poutine.condition(model, data=values)).get_trace(obs=obs)
@@ -181,14 +181,14 @@ def main(argv=None) -> dict:
         out["npe_importance"] = npe_importance_shifts(exact, emulated, mock.obs, a.model, a.npe_importance, a.seed + 5)
     if a.hmc:
         pick = list(range(a.n)) if a.mocks is None else a.mocks
-        out["hmc"] = hmc_shifts(exact, emulated, mock.obs.select(pick), a.model, *a.hmc, a.chains, a.max_steps,
-                                a.seed + 3)
+        out["hmc"] = hmc_shifts(exact, emulated, coords, mock.obs.select(pick), a.model, *a.hmc, a.chains,
+                                a.max_steps, a.seed + 3)
         for r, i in zip(out["hmc"], pick):
             r["sd_ratio"] = sd[i].numpy() / r["sd"]
             j = int(np.abs(r["shift"]).argmax())
             print(f"  mock {i:3d}: R-hat max {r['rhat']:.3f}; sd of log L_em - log L_ex over the draws "
                   f"{r['sd_dlogl']:.3f}; reweighting ESS {r['ess']:.0f} of {r['n']}; largest |shift| "
-                  f"{abs(r['shift'][j]):.4f} +- {r['se'][j]:.4f} ({r['names'][j]}); linear estimate for it {abs(shift[i, j]):.4f}, "
+                  f"{abs(r['shift'][j]):.4f} +- {r['se'][j]:.4f} ({names[j]}); linear estimate for it {abs(shift[i, j]):.4f}, "
                   f"largest linear {np.abs(shift[i]).max():.4f}; log10 M* {r['mass_shift']:+.4f} (linear "
                   f"{m_shift[i]:+.4f}); linear sd / HMC sd: median {np.median(r['sd_ratio']):.2f}, "
                   f"range {r['sd_ratio'].min():.2f}-{r['sd_ratio'].max():.2f}")
@@ -216,7 +216,7 @@ def npe_importance_shifts(exact, emulated, obs, key: str, n_draws: int, seed: in
     from sedppl.infer.importance import defensive_draws, psis_weights
     from sedppl.posteriors import load_shipped
 
-    post = load_shipped("specphot" if key == "specphot" else "phot", model=exact)
+    post = load_shipped(key, model=exact)
     t0 = time.time()
     torch.manual_seed(seed)
     x = post.inputs(obs, warn=False)
@@ -262,21 +262,22 @@ def npe_importance_shifts(exact, emulated, obs, key: str, n_draws: int, seed: in
     return {"shift": shift, "se": se, "names": names, "k_hat": k_hat, "ess": ess}
 
 
-def hmc_shifts(exact, emulated, obs, key: str, warmup: int, draws: int, chains: int, max_steps: int,
-               seed: int) -> list[dict]:
+def hmc_shifts(exact, emulated, coords: UnconstrainedCoordinates, obs, key: str, warmup: int, draws: int,
+               chains: int, max_steps: int, seed: int) -> list[dict]:
     """Shift of the posterior means, emulated - exact, from HMC draws of the exact posterior reweighted
     by the emulated likelihood.
 
     Arguments:
         exact, emulated: The model with the exact and with the emulated synthesis.
+        coords: The unconstrained coordinates of the latent sites (float64).
         obs: The G galaxies.
         key: The shipped posterior (``specphot`` or ``phot``) whose draws seed the mode search.
         warmup, draws, chains, max_steps: Of :func:`sedppl.infer.hmc.run_hmc`.
         seed: Random seed.
 
     Returns:
-        Per galaxy: ``shift`` (D,) in the exact posterior's sd over the unconstrained coordinates
-        (``names``), ``mass_shift`` (log10 stellar mass), ``rhat`` (largest over coordinates),
+        Per galaxy: ``shift`` (D,) in the exact posterior's sd over the coordinates u of ``coords``,
+        ``mass_shift`` (log10 stellar mass), ``rhat`` (largest over coordinates),
         ``se`` (D,) the Monte Carlo standard error of ``shift`` (from each term's ESS over the chains),
         ``sd_dlogl`` (sd of the log-likelihood difference over the draws), ``ess`` of the weights
         out of ``n`` draws, and ``sd`` (D,) the HMC posterior sd.
@@ -286,16 +287,13 @@ def hmc_shifts(exact, emulated, obs, key: str, warmup: int, draws: int, chains: 
     from sedppl.infer.hmc import run_hmc
     from sedppl.posteriors import load_shipped
 
-    post = load_shipped("specphot" if key == "specphot" else "phot", model=exact)
+    post = load_shipped(key, model=exact)
     t0 = time.time()
     idata = run_hmc(exact, obs=obs, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed,
                     posterior=post, neutra=False, dtype=torch.float64, max_steps=max_steps, progress=True)
     print(f"HMC: {obs.n_galaxies} mocks x {chains} chains x ({warmup} + {draws}), {time.time() - t0:.0f} s, "
           f"{float(idata.sample_stats['n_steps'].mean()):.1f} gradients a draw, "
           f"{int(idata.sample_stats['diverging'].sum())} divergences", flush=True)
-    with physics_dtype(exact, torch.float64), torch.no_grad():
-        tr = poutine.trace(exact).get_trace(obs=obs)
-        coords = UnconstrainedCoordinates(tr, torch.float64)
     n = chains * draws
     values = {k: torch.as_tensor(idata.posterior[k].values).double().reshape(n, obs.n_galaxies,
                                                                              *idata.posterior[k].shape[3:])
@@ -303,9 +301,6 @@ def hmc_shifts(exact, emulated, obs, key: str, warmup: int, draws: int, chains: 
     with physics_dtype(exact, torch.float64), physics_dtype(emulated, torch.float64):
         dlogl = (log_joint(emulated, values, obs, chunk=500) - log_joint(exact, values, obs, chunk=500)).numpy()
     mass = idata.posterior["log_stellar_mass"].values.reshape(n, obs.n_galaxies)
-    names = []
-    for k, size in zip(coords.names, coords.sizes):
-        names += [k] if size == 1 else [f"{k}[{i}]" for i in range(size)]
     out = []
     for g in range(obs.n_galaxies):
         u = coords.flatten({k: v[:, g] for k, v in values.items()}).numpy()
@@ -320,8 +315,7 @@ def hmc_shifts(exact, emulated, obs, key: str, warmup: int, draws: int, chains: 
         h = ((n * w - 1)[:, None] * (theta - mean) / sd_x).reshape(chains, draws, -1)
         se = np.array([h[..., j].std() / np.sqrt(max(float(az.ess(h[..., j])), 2.0)) for j in range(h.shape[-1])])
         out.append({"shift": shift[:-1], "se": se[:-1], "mass_shift": float(shift[-1]), "rhat": rhat, "n": n,
-                    "sd_dlogl": float(dlogl[:, g].std()), "ess": float(1 / (w**2).sum()), "sd": sd_x[:-1],
-                    "names": names})
+                    "sd_dlogl": float(dlogl[:, g].std()), "ess": float(1 / (w**2).sum()), "sd": sd_x[:-1]})
     return out
 
 
