@@ -16,7 +16,7 @@ Galaxies: mocks from the model's prior at z = 0.1, S/N 30 per band. Reported:
   on the first galaxy, one chain of ``--nuts-warmup`` + ``--nuts-draws``; its wall
   time and bulk ESS, and the ratio of NUTS wall time to NPE's for 1,000 draws.
 
-    python benchmarks/npe.py [--threads 2] [--nuts-warmup 100] [--nuts-draws 100] [--no-nuts]
+    python benchmarks/npe.py [--threads 2] [--nuts-warmup 100] [--nuts-draws 100] [--no-nuts] [--compile]
 """
 
 from __future__ import annotations
@@ -45,12 +45,38 @@ def timed(fn, repeats: int = 5) -> float:
     return float(np.median(repeat_times(fn, repeats)))
 
 
+def compiled_rows(post, one, mock, rows) -> None:
+    """``sample`` (no derived quantities) and the flow alone through ``post.compile()``, against the eager
+    figures of the same run; the compile time of each new shape is printed as it happens."""
+    eager_flow = {}
+    with torch.no_grad():
+        for label, obs, n in (("1 galaxy", one.obs, 1), ("batch of 100", mock.obs, 100)):
+            ctx = post.context(post.inputs(obs))[:min(n, 10)]
+            eager_flow[label] = timed(lambda: post._flow_draws(ctx, 1000, True)) / ctx.shape[0]
+    post.compile()
+    for label, obs, n in (("1 galaxy", one.obs, 1), ("batch of 100", mock.obs, 100)):
+        t0 = time.perf_counter()
+        post.sample(obs, 1000, derived=False, seed=0)
+        print(f"compile ({label}, first call): {time.perf_counter() - t0:.1f} s")
+        t = timed(lambda: post.sample(obs, 1000, derived=False, seed=0), repeats=5 if n == 1 else 3) / n
+        t_eager = next(r[2] for r in rows if r[0] == label and not r[1])
+        with torch.no_grad():
+            ctx = post.context(post.inputs(obs))[:min(n, 10)]
+            flow = timed(lambda: post._compiled(ctx, 1000, True)) / ctx.shape[0]
+        print(f"NPE {label:13s} 1000 draws, derived no , compiled: {t * 1e3:8.1f} ms per galaxy "
+              f"({t_eager / t:.2f}x the eager rows above); the flow alone {flow * 1e3:.1f} ms "
+              f"(eager, same run: {eager_flow[label] * 1e3:.1f} ms, {eager_flow[label] / flow:.2f}x)")
+    post.compile(False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nuts-warmup", type=int, default=100)
     ap.add_argument("--nuts-draws", type=int, default=100)
     ap.add_argument("--no-nuts", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time NeuralPosterior.compile() (TorchInductor) against the eager draws above")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -87,6 +113,8 @@ def main() -> None:
         t_fast = next(r[2] for r in rows if r[0] == label and not r[1])
         print(f"NPE {label:13s} 1000 draws, derived no , zuko's flow (baseline): {t_zuko * 1e3:8.1f} ms per "
               f"galaxy; sedppl's spline and inverse {t_zuko / t_fast:.2f}x faster")
+    if args.compile:
+        compiled_rows(post, one, mock, rows)
     if args.no_nuts:
         return
     t = time.perf_counter()

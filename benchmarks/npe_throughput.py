@@ -9,7 +9,7 @@ memory stays flat. Baseline in the same run: the same chunks with zuko's own
 spline and autoregressive inverse on the first ``--baseline`` galaxies. No file
 input/output (``benchmarks/catalog.py`` measures the whole ``sedppl fit``).
 
-    python benchmarks/npe_throughput.py [--galaxies 100000] [--derived] [--baseline 1000]
+    python benchmarks/npe_throughput.py [--galaxies 100000] [--derived] [--baseline 1000] [--compile]
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--derived", action="store_true")
     ap.add_argument("--baseline", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true",
+                    help="then the same galaxies through NeuralPosterior.compile() (TorchInductor), same run")
     args = ap.parse_args()
     start(args.threads)
     post = load_shipped("phot")
@@ -85,6 +87,17 @@ def main() -> None:
     t_zuko, _ = run(baseline, mock.obs, n, args.derived)
     print(f"same run, first {n} galaxies: sedppl {t_fast / n * 1e3:.2f} ms a galaxy, zuko's spline and inverse "
           f"{t_zuko / n * 1e3:.2f} ms a galaxy ({t_zuko / t_fast:.2f}x)")
+    if args.compile:  # the same galaxies again through post.compile(); its first call compiles
+        post.compile()
+        t = time.perf_counter()
+        run(post, mock.obs, 100, args.derived)
+        t_first = time.perf_counter() - t
+        t_comp, table_c = run(post, mock.obs, args.galaxies, args.derived)
+        per_c = t_comp / args.galaxies
+        print(f"compiled (post.compile()): first chunk of 100 with the compile {t_first:.1f} s; then {args.galaxies} "
+              f"galaxies {t_comp:.1f} s ({per_c * 1e3:.2f} ms a galaxy, {seconds / t_comp:.2f}x the eager run above; "
+              f"100,000 galaxies at this rate, with the compile: {(per_c * 1e5 + t_first) / 60:.1f} min); "
+              f"summaries finite: {np.isfinite(table_c).all()}")
 
 
 if __name__ == "__main__":

@@ -353,6 +353,10 @@ def _fit(args: argparse.Namespace) -> int:
             return 4
         return 0
     post = _posterior(args, model)
+    if args.compile:
+        if args.workers > 1 or args.scheduler:
+            raise ValueError("--compile compiles the flow in this process: use it with --workers 1 and no --scheduler")
+        post.compile()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*outside the posterior's training distribution.*")
         table = fit_catalog(obs, post, args.out, chunk=chunk, num_samples=args.draws, seed=args.seed,
@@ -539,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="galaxies per checkpointed chunk (default 500; hmc: galaxies per batched run, default 20; "
                         "smc: default 1 for spectra, else 5120 / (draws x chains))")
     f.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    f.add_argument("--compile", action="store_true",
+                   help="npe: draw through a torch.compile-d flow (about a minute to compile, then faster: "
+                        "for catalogs; needs a C++ compiler)")
     f.add_argument("--workers", type=int, default=1,
                    help="npe: local worker processes for the chunks (a Dask LocalCluster; default 1: this process)")
     f.add_argument("--scheduler", default=None,

@@ -92,6 +92,13 @@ def test_fit_rejects_missing_and_unknown_input(tmp_path):
     assert r.returncode == 2 and "not a sedppl mock" in r.stderr
 
 
+def test_fit_compile_needs_this_process(tmp_path):
+    mocks = tmp_path / "m.fits"
+    assert run("simulate", "--model", "phot", "--n", "3", "--out", str(mocks)).returncode == 0
+    r = run("fit", str(mocks), "--compile", "--workers", "2", "--out", str(tmp_path / "fit"))
+    assert r.returncode == 2 and "--compile" in r.stderr and "--workers 1" in r.stderr
+
+
 def test_fit_nuts_and_compare_through_the_entry_point(tmp_path):
     """`fit --method nuts` and `compare` on a photometry mock with tiny NUTS settings: the outputs
     exist with the convergence columns (short chains do not converge: exit code 4); `fit --method hmc`

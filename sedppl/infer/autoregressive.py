@@ -150,10 +150,14 @@ class _Plan:
 def _plan(m: MaskedAutoregressiveTransform) -> _Plan:
     """The cached :class:`_Plan` of ``m``, rebuilt when a weight changed (training, ``load_state_dict``)
     or when gradients are wanted (the cached masked weights carry none)."""
+    cached = getattr(m, "_groupwise_plan", None)
+    if torch.compiler.is_compiling() and cached is not None:
+        # inside torch.compile (NeuralPosterior.compile): the plan of the eager warm-up call; the
+        # compiled code is for fixed weights (a new plan, after a weight change, makes it recompile)
+        return cached[1]
     key = tuple((p.data_ptr(), p._version) for p in m.hyper.parameters())
     if torch.is_grad_enabled():
         return _Plan(m)
-    cached = getattr(m, "_groupwise_plan", None)
     if cached is None or cached[0] != key:
         cached = (key, _Plan(m))
         m._groupwise_plan = cached

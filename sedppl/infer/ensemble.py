@@ -106,6 +106,13 @@ class PosteriorEnsemble(nn.Module):
         k = len(self.members)
         return [num_samples // k + (i < num_samples % k) for i in range(k)]
 
+    def compile(self, enable: bool = True) -> "PosteriorEnsemble":
+        """Draw through each member's ``torch.compile``-d flow (:meth:`sedppl.infer.npe.NeuralPosterior.compile`);
+        the mixture's densities stay eager. Returns the ensemble itself."""
+        for m in self.members:
+            m.compile(enable)
+        return self
+
     def draw(self, x: dict[str, Tensor | None], num_samples: int, log_q: bool = True,
              step: int | None = None) -> tuple[Tensor, Tensor | None]:
         """Unconstrained draws u (S, N, D) of the mixture and log q(u | x) (S, N) (None without ``log_q``);

@@ -85,6 +85,7 @@ class NeuralPosterior(nn.Module):
         if [[n, list(e)] for n, e in card.sites] != found:
             raise ValueError(f"the card's latent sites {card.sites} do not match the model's {found}")
         self.conditions = ObservingConditions(**card.conditions)
+        self._compiled = None  # the torch.compile-d flow draws, once compile() was called
         self._derived_only_works = True  # False once the model failed inside sedppl.derived.derived_only
         self.encoder = DataEncoder(card.spectrum_bins, len(card.bands),
                                    tuple(card.redshift_range) if card.redshift_given else None, card.context,
@@ -263,20 +264,52 @@ class NeuralPosterior(nn.Module):
             u (S, N, D) (:attr:`space` coordinates) and log q(u | x) (S, N), or None without ``log_q``.
         """
         n_gal = next(v for v in x.values() if v is not None).shape[0]
-        step = step or max(1, 10_000 // num_samples)  # larger calls run slower per draw
+        step = min(n_gal, step or max(1, 10_000 // num_samples))  # larger calls run slower per draw
         zs, lqs = [], []
         with torch.no_grad():
             ctx = self.context(x)
             for i in range(0, n_gal, step):
-                flow = self.flow(ctx[i:i + step])
+                c = ctx[i:i + step]
+                if self._compiled is not None and c.shape[0] < step:
+                    # the last, partial chunk padded to the full one: one compiled shape, no recompile
+                    c = torch.cat([c, c[-1:].expand(step - c.shape[0], -1)])
+                z_i, lq_i = (self._compiled or self._flow_draws)(c, num_samples, log_q)
+                zs.append(z_i[:, :min(step, n_gal - i)])
                 if log_q:
-                    z_i, lq_i = flow.rsample_and_log_prob((num_samples,))
-                    lqs.append(lq_i)
-                else:
-                    z_i = flow.sample((num_samples,))
-                zs.append(z_i)
+                    lqs.append(lq_i[:, :min(step, n_gal - i)])
         u = self.theta_shift + self.theta_scale * torch.cat(zs, 1)
         return u, (torch.cat(lqs, 1) - torch.log(self.theta_scale).sum() if log_q else None)
+
+    def _flow_draws(self, ctx: Tensor, num_samples: int, log_q: bool) -> tuple[Tensor, Tensor | None]:
+        """S draws of the flow's standardised coordinates (S, N, D) for contexts (N, C), with log q or None."""
+        flow = self.flow(ctx)
+        if log_q:
+            return flow.rsample_and_log_prob((num_samples,))
+        return flow.sample((num_samples,)), None
+
+    def compile(self, enable: bool = True) -> "NeuralPosterior":
+        """Draw through a ``torch.compile``-d flow (TorchInductor's fused C++ kernels) from now on.
+
+        Each new shape (draws per galaxy, galaxies per flow call, ``log_q`` or not) is compiled at its
+        first call, which takes about a minute on a 2-core CPU (TorchInductor caches kernels on disk,
+        so later processes compile faster); after that, drawing is faster than eager
+        (``benchmarks/npe.py --compile`` measures the ratio). Worth it for catalogs and for many
+        galaxies in one session, not for a single call. Needs a C++ compiler; for fixed weights only
+        (compile after training or loading).
+
+        Arguments:
+            enable: False goes back to eager drawing.
+
+        Returns:
+            The posterior itself.
+        """
+        if not enable:
+            self._compiled = None
+            return self
+        with torch.no_grad():  # an eager call first: builds and caches the inverse passes' weight plans
+            self._flow_draws(torch.zeros(1, self.card.context), 2, True)
+        self._compiled = torch.compile(self._flow_draws, dynamic=False)
+        return self
 
     def set_base_scale(self, scale: float, n_sims: int = 0) -> None:
         """Make the flow's base distribution N(0, scale^2 I) and record it (with the simulations it was
