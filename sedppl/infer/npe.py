@@ -311,6 +311,10 @@ class NeuralPosterior(nn.Module):
         self._compiled = torch.compile(self._flow_draws, dynamic=False)
         return self
 
+    def __getstate__(self) -> dict:
+        """The state for pickle and ``copy.deepcopy``, without the compiled draws (a copy draws eagerly)."""
+        return {**super().__getstate__(), "_compiled": None}
+
     def set_base_scale(self, scale: float, n_sims: int = 0) -> None:
         """Make the flow's base distribution N(0, scale^2 I) and record it (with the simulations it was
         fitted on) in the card; see :func:`sedppl.infer.npe_calibration.fit_base_scale`."""

@@ -4,6 +4,7 @@ The model and its posterior are the session fixtures ``small_model`` and
 ``small_posterior`` (tests/conftest.py, tests/models.py).
 """
 
+import pickle
 import shutil
 import warnings
 
@@ -219,6 +220,7 @@ def test_compiled_draws_have_the_eager_density(small_posterior, small_model):
     try:
         torch.manual_seed(0)
         u, lq = small_posterior.compile().draw(x, 500)
+        assert pickle.loads(pickle.dumps(small_posterior))._compiled is None  # a copy (a Dask worker) draws eagerly
     finally:
         small_posterior.compile(False)
     assert u.shape == eager.shape == (500, 25, 2) and lq.shape == (500, 25)
