@@ -152,8 +152,8 @@ def _plan(m: MaskedAutoregressiveTransform) -> _Plan:
     or when gradients are wanted (the cached masked weights carry none)."""
     cached = getattr(m, "_groupwise_plan", None)
     if torch.compiler.is_compiling() and cached is not None:
-        # inside torch.compile (NeuralPosterior.compile): the plan of the eager warm-up call; the
-        # compiled code is for fixed weights (a new plan, after a weight change, makes it recompile)
+        # inside torch.compile (NeuralPosterior.compile): the plan of the eager warm-up call, so the
+        # compiled code is for fixed weights (compile after training or loading)
         return cached[1]
     key = tuple((p.data_ptr(), p._version) for p in m.hyper.parameters())
     if torch.is_grad_enabled():

@@ -274,9 +274,10 @@ class NeuralPosterior(nn.Module):
                     # the last, partial chunk padded to the full one: one compiled shape, no recompile
                     c = torch.cat([c, c[-1:].expand(step - c.shape[0], -1)])
                 z_i, lq_i = (self._compiled or self._flow_draws)(c, num_samples, log_q)
-                zs.append(z_i[:, :min(step, n_gal - i)])
+                n_i = min(step, n_gal - i)  # the padding's draws dropped
+                zs.append(z_i[:, :n_i])
                 if log_q:
-                    lqs.append(lq_i[:, :min(step, n_gal - i)])
+                    lqs.append(lq_i[:, :n_i])
         u = self.theta_shift + self.theta_scale * torch.cat(zs, 1)
         return u, (torch.cat(lqs, 1) - torch.log(self.theta_scale).sum() if log_q else None)
 
