@@ -19,7 +19,10 @@ standard deviations and the ratio of widths, against the issue's goals
 :func:`sedppl.infer.importance.importance_sample` (the user-facing form) on one
 galaxy and on all of them.
 
-    python benchmarks/npe_vs_importance.py [--mocks 20] [--draws 20000] [--seed 12]
+    python benchmarks/npe_vs_importance.py [--mocks 20] [--draws 20000] [--seed 12] [--posterior FILE]
+
+``--posterior`` measures a trained ugriz posterior file instead of the shipped one
+(e.g. a candidate from ``sedppl train posterior --model phot``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from _timing import start
 
 from sedppl.infer.importance import defensive_draws, importance_sample, log_joint
+from sedppl.infer.npe import NeuralPosterior
 from sedppl.mocks import galaxy, make_mocks
 from sedppl.posteriors import load_shipped
 
@@ -50,9 +54,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--min-ess", type=float, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--posterior", default=None, help="a trained ugriz posterior (default: the shipped one)")
     args = ap.parse_args()
     start(args.threads)
     post = load_shipped("phot")
+    if args.posterior:
+        post = NeuralPosterior.load(args.posterior, post.model)
     model = post.model
     mocks = make_mocks(model, args.mocks, seed=args.seed, redshift=0.1, snr_photometry=30)
     torch.manual_seed(args.seed)

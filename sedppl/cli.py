@@ -206,7 +206,8 @@ def _train(args: argparse.Namespace) -> int:
                                          no_photometry_probability=0.15, photometry_floor=model.photometry_floor)
     kw = dict(n_sims=args.n_sims, n_valid=max(100, args.n_sims // 20), model_name=name, conditions=conditions,
               max_epochs=args.max_epochs, patience=args.patience, n_sims_log_z=args.n_sims_log_z,
-              distance_inputs=args.model == "specphot", progress=True)
+              distance_inputs=args.model == "specphot", progress=True,
+              schedule={"staged": "plateau"}.get(args.schedule, args.schedule), lr=args.lr)
     if args.ensemble > 1:
         from .infer.ensemble import train_npe_ensemble
 
@@ -487,7 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=["staged", "cosine"], default="staged",
                    help="emulator: staged: four (learning rate, batch) stages, each ended by --patience; cosine: "
                         "one stage, rate 1e-3 falling to 1e-6 along a cosine over all --max-epochs epochs (the "
-                        "shipped DESI photometry emulator's only stage: 493 epochs)")
+                        "shipped DESI photometry emulator's only stage: 493 epochs); posterior: staged: the rate "
+                        "halves when the validation loss stalls; cosine: it falls from --lr to --lr/1000 over "
+                        "all --max-epochs epochs (a fine-tuning stage after --init-from)")
+    t.add_argument("--lr", type=float, default=1e-3,
+                   help="posterior: starting learning rate (default 1e-3)")
     t.add_argument("--hidden", type=int, nargs="+", default=None, metavar="WIDTH",
                    help="emulator: widths of the network's hidden layers (per chunk; default 256 256 256; the "
                         "shipped ones: 512 512 512 512)")

@@ -54,7 +54,8 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
               lr: float = 1e-3, patience: int = 15, max_epochs: int = 200, context: int = 64,
               transforms: int = 6, hidden: tuple[int, int] = (128, 128), conditional_affine: bool = True,
               whiten: bool = True, chunk: int = 1000, n_sims_log_z: int = 0, distance_inputs: bool = False,
-              init_from: str | Path | None = None, progress: bool = True) -> NeuralPosterior:
+              init_from: str | Path | None = None, schedule: str = "plateau",
+              progress: bool = True) -> NeuralPosterior:
     """Train (or resume training) a neural posterior for ``model`` and save it with its card.
 
     Arguments:
@@ -84,6 +85,11 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
         init_from: A trained posterior of the same model and layout whose weights start
             this training (warm start; inputs it lacks start with zero weight, so the
             starting network computes what it did). Its coordinate standardisation is kept.
+        schedule: ``"plateau"``: the learning rate halves when the validation loss stalls for
+            ``patience // 3`` epochs, and training stops after ``patience`` stale epochs;
+            ``"cosine"``: it falls from ``lr`` to ``lr / 1000`` along a cosine over all
+            ``max_epochs`` epochs (stepped per batch), all of which run; the best epoch is kept
+            (a fine-tuning stage after a warm start, e.g. on a larger bank).
 
     Returns:
         The trained posterior (best validation loss), also saved at ``out``.
@@ -124,7 +130,7 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
                          redshift_given=redshift_given, conditions=asdict(conditions), context=context,
                          transforms=transforms, hidden=list(hidden), conditional_affine=conditional_affine,
                          whiten=whiten, distance_inputs=distance_inputs, n_sims_log_z=n_sims_log_z,
-                         initialised_from=_describe(init_from),
+                         initialised_from=_describe(init_from), schedule=schedule, lr=lr,
                          n_train=len(train), n_valid=len(valid))
     torch.manual_seed(seed)
     post = NeuralPosterior(card, model)
@@ -141,7 +147,14 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
     z_train = (train.theta - post.theta_shift) / post.theta_scale
 
     opt = torch.optim.AdamW(post.parameters(), lr=lr, weight_decay=1e-5)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, patience // 3))
+    if schedule == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, patience // 3))
+    elif schedule == "cosine":
+        steps = max_epochs * -(-len(train) // batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 1e-3)
+        patience = max_epochs + 1  # every epoch runs
+    else:
+        raise ValueError(f"schedule must be 'plateau' or 'cosine', not {schedule!r}")
     meta = {"epoch": 0, "best": float("inf"), "stale": 0, "seconds": 0.0}
     state_file = ckpt / "state.pt"
     best = {k: v.clone() for k, v in post.state_dict().items()}
@@ -152,6 +165,9 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         meta = json.loads((ckpt / "state.json").read_text())
+    elif init_from is not None:
+        # the starting network is the one to beat: a fine-tuning stage never returns a worse one
+        meta["best"] = meta["start"] = _valid_loss(post, z_valid, x_valid)
     bar = tqdm(total=max_epochs, initial=meta["epoch"], disable=not progress, desc="training posterior")
     while meta["epoch"] < max_epochs and meta["stale"] < patience:
         t_epoch = time.perf_counter()
@@ -167,12 +183,11 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
             loss.backward()
             torch.nn.utils.clip_grad_norm_(post.parameters(), 5.0)
             opt.step()
-        post.eval()
-        with torch.no_grad():
-            val = float(torch.cat([-post.log_prob_standard(z_valid[i:i + 4096],
-                                                           post.context(_rows(x_valid, slice(i, i + 4096))))
-                                   for i in range(0, len(valid), 4096)]).mean())
-        sched.step(val)
+            if schedule == "cosine":
+                sched.step()
+        val = _valid_loss(post, z_valid, x_valid)
+        if schedule == "plateau":
+            sched.step(val)
         meta["epoch"] += 1
         meta["seconds"] += time.perf_counter() - t_epoch
         if val < meta["best"]:
@@ -192,10 +207,20 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
     post.eval()
     use_fast_splines(post.flow)  # for drawing; training ran on zuko's own spline (same function)
     card.epochs, card.valid_loss = meta["epoch"], meta["best"]
+    card.start_valid_loss = meta.get("start", float("nan"))
     card.train_seconds = round(meta["seconds"], 1)
     card.simulation_seconds = round(t_sim, 1)
     post.save(out)
     return post
+
+
+def _valid_loss(post: NeuralPosterior, z_valid: torch.Tensor, x_valid: dict) -> float:
+    """Mean -log q of the standardised validation theta (nats), in blocks of 4,096."""
+    post.eval()
+    with torch.no_grad():
+        return float(torch.cat([-post.log_prob_standard(z_valid[i:i + 4096],
+                                                        post.context(_rows(x_valid, slice(i, i + 4096))))
+                                for i in range(0, len(z_valid), 4096)]).mean())
 
 
 def _describe(init_from: str | Path | None) -> str:
@@ -212,13 +237,15 @@ def _describe(init_from: str | Path | None) -> str:
 
 def _warm_start(post: NeuralPosterior, path: Path) -> None:
     """Copy the weights of a trained posterior into ``post``; a linear layer that gained
-    inputs keeps the old columns and starts the new ones at zero."""
+    inputs keeps the old columns and starts the new ones at zero. The base's width refitted
+    after the old training (``base_scale``) is not copied: training fits the flow with the
+    standard base, and the card's ``base_scale`` must describe the saved weights."""
     from safetensors.torch import load_file
 
     old = load_file(path)
     state = post.state_dict()
     for key, new in state.items():
-        if key not in old or key in ("log_scale_range", "band_ratio_range"):
+        if key not in old or key in ("log_scale_range", "band_ratio_range", "flow.base.scale"):
             continue
         w = old[key]
         if w.shape == new.shape:

@@ -38,7 +38,11 @@ class PosteriorCard:
             its own epochs and seconds; the figures here count only this training.
         n_train, n_valid, epochs, train_seconds, simulation_seconds: Training budget (seconds of
             optimisation, and of simulation in the run that finished; 2-core CPU unless stated).
+        schedule, lr: Learning-rate schedule ("plateau" or "cosine", see
+            :func:`sedppl.infer.npe_training.train_npe`) and its starting rate.
         valid_loss: Best validation loss (mean -log q of the unconstrained, standardised theta).
+        start_valid_loss: After a warm start, the starting network's loss on the same validation
+            set (NaN without one); ``valid_loss`` never exceeds it.
         base_scale: Standard deviation s of the flow's base distribution N(0, s^2 I), fitted after
             training by maximum likelihood on fresh simulations (1.0: not fitted; see
             :func:`sedppl.infer.npe_calibration.fit_base_scale`).
@@ -69,7 +73,10 @@ class PosteriorCard:
     epochs: int = 0
     train_seconds: float = 0.0
     simulation_seconds: float = 0.0
+    schedule: str = "plateau"
+    lr: float = 1e-3
     valid_loss: float = float("nan")
+    start_valid_loss: float = float("nan")
     base_scale: float = 1.0
     base_scale_sims: int = 0
     calibration: dict = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""NPE training options: log-uniform redshifts, distance inputs, warm starts."""
+"""NPE training options: log-uniform redshifts, distance inputs, warm starts, the cosine schedule."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ from scipy import stats
 
 from sedppl.infer.conditions import ObservingConditions
 from sedppl.infer.encoder import DataEncoder
+from sedppl.infer.npe import NeuralPosterior
 from sedppl.infer.npe_training import noisy_inputs, train_npe
 from sedppl.infer.parameters import ParameterSpace
 from sedppl.infer.simulations import simulate_bank
@@ -59,3 +60,43 @@ def test_warm_start_reproduces_the_old_network(small_model, tmp_path):
     with pytest.raises(ValueError, match="cannot start from"):
         train_npe(small_model, tmp_path / "wide", n_sims=600, max_epochs=0, init_from=tmp_path / "old.safetensors",
                   **{**kw, "context": 32})
+
+
+def test_cosine_fine_tuning_runs_every_epoch_and_never_returns_a_worse_network(small_model, tmp_path):
+    """A cosine stage after a warm start runs all its epochs (patience does not stop it), ends at
+    lr / 1000, records itself on the card, and keeps the starting network unless an epoch beats it on
+    the validation set."""
+    cond = ObservingConditions(snr_photometry=(10.0, 100.0), photometry_floor=small_model.photometry_floor)
+    kw = dict(n_valid=100, conditions=cond, batch_size=64, context=16, transforms=2, hidden=(16, 16),
+              progress=False)
+    old = train_npe(small_model, tmp_path / "old", n_sims=600, max_epochs=2, seed=4, **kw)
+    new = train_npe(small_model, tmp_path / "new", n_sims=900, max_epochs=3, patience=1, seed=5,
+                    init_from=tmp_path / "old.safetensors", schedule="cosine", lr=1e-3, **kw)
+    assert (new.card.schedule, new.card.lr, new.card.epochs) == ("cosine", 1e-3, 3)
+    assert (old.card.schedule, old.card.lr) == ("plateau", 1e-3)
+    saved = torch.load(tmp_path / "new.ckpt" / "state.pt", weights_only=True)
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-6, rel=1e-6)
+    # the starting network's loss on the new validation set bounds the result
+    assert np.isfinite(new.card.start_valid_loss) and new.card.valid_loss <= new.card.start_valid_loss
+    assert np.isnan(old.card.start_valid_loss)  # no warm start
+    same = train_npe(small_model, tmp_path / "same", n_sims=900, max_epochs=0, seed=5,
+                     init_from=tmp_path / "old.safetensors", **kw)  # nothing trained: the start comes back
+    assert same.card.valid_loss == same.card.start_valid_loss
+    for a, b in zip(same.parameters(), old.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="schedule must be"):
+        train_npe(small_model, tmp_path / "bad", n_sims=600, max_epochs=1, schedule="linear", seed=4, **kw)
+
+
+def test_warm_start_from_a_refitted_base_saves_a_loadable_posterior(small_model, tmp_path):
+    """The old posterior's refitted base width is not carried over: the new card (base_scale 1) describes
+    the saved weights, so the file loads."""
+    cond = ObservingConditions(snr_photometry=(10.0, 100.0), photometry_floor=small_model.photometry_floor)
+    kw = dict(n_valid=100, conditions=cond, batch_size=64, context=16, transforms=2, hidden=(16, 16),
+              progress=False, seed=4)
+    old = train_npe(small_model, tmp_path / "old", n_sims=600, max_epochs=1, **kw)
+    old.set_base_scale(1.3, 100)
+    old.save(tmp_path / "old.safetensors")
+    train_npe(small_model, tmp_path / "new", n_sims=600, max_epochs=0, init_from=tmp_path / "old.safetensors", **kw)
+    new = NeuralPosterior.load(tmp_path / "new.safetensors", small_model)
+    assert new.card.base_scale == 1.0 and float(new.flow.base.scale.max()) == 1.0
