@@ -101,13 +101,16 @@ class GroupwiseAutoregressiveTransform(Transform):
             for act, w, bias in zip(plan.activations[:-1], plan.weights[1:-1], biases[1:-1]):
                 h = F.linear(act(h), w, bias)
             phi = F.linear(plan.activations[-1](h), w_out, b_out)
-            u = m.univariate(*unpack(phi.unflatten(-1, (-1, m.total)), m.shapes))
-            y_g = y[..., feats]
-            if hasattr(u, "inverse_and_ladj"):
-                x_g, ladj_g = u.inverse_and_ladj(y_g)
+            y_g = y[..., plan.columns[cols[0]]]
+            if plan.inverse is not None:
+                x_g, ladj_g = plan.inverse(phi.unflatten(-1, (-1, m.total)), y_g)
             else:
-                x_g = u.inv(y_g)
-                ladj_g = u.log_abs_det_jacobian(x_g, y_g)
+                u = m.univariate(*unpack(phi.unflatten(-1, (-1, m.total)), m.shapes))
+                if hasattr(u, "inverse_and_ladj"):
+                    x_g, ladj_g = u.inverse_and_ladj(y_g)
+                else:
+                    x_g = u.inv(y_g)
+                    ladj_g = u.log_abs_det_jacobian(x_g, y_g)
             x_g = x_g.expand(*y.shape[:-1], x_g.shape[-1])
             parts[cols[0]] = x_g
             contribution = F.linear(x_g, w_in)
@@ -131,6 +134,12 @@ class _Plan:
         if 2 * len(linears) - 1 != len(layers) or not all(isinstance(x, nn.Linear) for x in layers[::2]):
             raise NotImplementedError("group-wise inversion needs a plain masked MLP (no residual blocks)")
         self.activations = layers[1::2]
+        # the univariate transform's inverse straight from its parameters, where it has one
+        # (sedppl.infer.splines.RationalQuadraticSpline.inverse_from_parameters): fewer operations
+        u = m.univariate
+        fused = getattr(getattr(u, "func", u), "inverse_from_parameters", None)
+        self.inverse = None if fused is None or getattr(u, "args", ()) else \
+            functools.partial(fused, **getattr(u, "keywords", {}))
         self.weights = [layer.mask * layer.weight for layer in linears]
         self.biases = [layer.bias for layer in linears]
         # per group, in solving order: its features (index and list), its first-layer input weights,
@@ -141,6 +150,9 @@ class _Plan:
             rows = (feats[:, None] * m.total + torch.arange(m.total, device=feats.device)).reshape(-1)
             self.groups.append((feats, feats.tolist(), self.weights[0][:, feats], self.weights[-1][rows],
                                 self.biases[-1][rows]))
+        # each group's columns of y: a slice (a view) where they are consecutive, else an index
+        self.columns = {g[1][0]: slice(g[1][0], g[1][-1] + 1) if g[1] == list(range(g[1][0], g[1][-1] + 1))
+                        else g[0] for g in self.groups}
         cols = sorted(c for g in self.groups for c in g[1])
         spans = sorted((g[1][0], g[1][-1]) for g in self.groups)
         self.contiguous = all(g[1] == list(range(g[1][0], g[1][-1] + 1)) for g in self.groups) and \
