@@ -209,6 +209,7 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
     card.epochs, card.valid_loss = meta["epoch"], meta["best"]
     card.start_valid_loss = meta.get("start", float("nan"))
     card.train_seconds = round(meta["seconds"], 1)
+    card.total_train_seconds = round(meta["seconds"] + _earlier_seconds(init_from), 1)
     card.simulation_seconds = round(t_sim, 1)
     post.save(out)
     return post
@@ -233,6 +234,15 @@ def _describe(init_from: str | Path | None) -> str:
     c = json.loads(card.read_text())
     return (f"{Path(init_from).name} (sha256 {c.get('sha256', '')[:12]}: {c.get('n_train', 0)} training simulations, "
             f"{c.get('epochs', 0)} epochs, {c.get('train_seconds', 0)} s)")
+
+
+def _earlier_seconds(init_from: str | Path | None) -> float:
+    """Seconds of optimisation behind a warm start's posterior (its card's total, else its last stage's)."""
+    card = None if init_from is None else Path(init_from).with_suffix(".json")
+    if card is None or not card.exists():
+        return 0.0
+    c = json.loads(card.read_text())
+    return float(c.get("total_train_seconds") or c.get("train_seconds") or 0.0)
 
 
 def _warm_start(post: NeuralPosterior, path: Path) -> None:

@@ -38,6 +38,8 @@ class PosteriorCard:
             its own epochs and seconds; the figures here count only this training.
         n_train, n_valid, epochs, train_seconds, simulation_seconds: Training budget (seconds of
             optimisation, and of simulation in the run that finished; 2-core CPU unless stated).
+        total_train_seconds: Seconds of optimisation of this training and of every warm-start stage
+            before it (``train_seconds`` plus the starting posterior's own total).
         schedule, lr: Learning-rate schedule ("plateau" or "cosine", see
             :func:`sedppl.infer.npe_training.train_npe`) and its starting rate.
         valid_loss: Best validation loss (mean -log q of the unconstrained, standardised theta).
@@ -73,6 +75,7 @@ class PosteriorCard:
     epochs: int = 0
     train_seconds: float = 0.0
     simulation_seconds: float = 0.0
+    total_train_seconds: float = 0.0
     schedule: str = "plateau"
     lr: float = 1e-3
     valid_loss: float = float("nan")

@@ -64,7 +64,7 @@ def test_warm_start_reproduces_the_old_network(small_model, tmp_path):
 
 def test_cosine_fine_tuning_runs_every_epoch_and_never_returns_a_worse_network(small_model, tmp_path):
     """A cosine stage after a warm start runs all its epochs (patience does not stop it), ends at
-    lr / 1000, records itself on the card, and keeps the starting network unless an epoch beats it on
+    lr / 1000, records itself and the two stages' total optimisation time on the card, and keeps the starting network unless an epoch beats it on
     the validation set."""
     cond = ObservingConditions(snr_photometry=(10.0, 100.0), photometry_floor=small_model.photometry_floor)
     kw = dict(n_valid=100, conditions=cond, batch_size=64, context=16, transforms=2, hidden=(16, 16),
@@ -79,6 +79,9 @@ def test_cosine_fine_tuning_runs_every_epoch_and_never_returns_a_worse_network(s
     # the starting network's loss on the new validation set bounds the result
     assert np.isfinite(new.card.start_valid_loss) and new.card.valid_loss <= new.card.start_valid_loss
     assert np.isnan(old.card.start_valid_loss)  # no warm start
+    # the optimisation time of both stages adds up on the new card
+    assert old.card.total_train_seconds == old.card.train_seconds > 0
+    assert new.card.total_train_seconds == pytest.approx(old.card.train_seconds + new.card.train_seconds, abs=0.11)
     same = train_npe(small_model, tmp_path / "same", n_sims=900, max_epochs=0, seed=5,
                      init_from=tmp_path / "old.safetensors", **kw)  # nothing trained: the start comes back
     assert same.card.valid_loss == same.card.start_valid_loss
