@@ -130,7 +130,7 @@ class RationalQuadraticSpline(MonotonicRQSTransform):
 
         Arguments:
             params: Unconstrained parameters, (*, F, 3K - 1): K widths, K heights, K - 1 inner-knot
-                derivatives (zuko's order); * broadcastable against y's leading dimensions.
+                derivatives (zuko's order); * broadcastable to y's leading dimensions (knots shared by draws).
             y: Values, (..., F).
             bound: Half-width B of the spline's (co)domain [-B, B]; identity outside.
             slope: Minimum slope of the transformation.
