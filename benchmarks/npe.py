@@ -76,7 +76,6 @@ def fused_spline_row(post, one, rounds: int = 60) -> None:
     its parameters (``RationalQuadraticSpline.inverse_from_parameters``, the default) against building a
     spline transform per group (the path before it), interleaved call by call so that both see the same
     machine load; the median of the paired ratios."""
-    plans = []
     with torch.no_grad():
         ctx = post.context(post.inputs(one.obs))
         post._flow_draws(ctx, 1000, True)  # builds the cached plans

@@ -224,24 +224,26 @@ def _valid_loss(post: NeuralPosterior, z_valid: torch.Tensor, x_valid: dict) -> 
                                 for i in range(0, len(z_valid), 4096)]).mean())
 
 
+def _start_card(init_from: str | Path | None) -> dict | None:
+    """The card (JSON) of a warm start's posterior, or None without a warm start or a card."""
+    card = None if init_from is None else Path(init_from).with_suffix(".json")
+    return json.loads(card.read_text()) if card is not None and card.exists() else None
+
+
 def _describe(init_from: str | Path | None) -> str:
     """The card's record of a warm start: file, checksum and that posterior's own budget."""
     if init_from is None:
         return ""
-    card = Path(init_from).with_suffix(".json")
-    if not card.exists():
+    c = _start_card(init_from)
+    if c is None:
         return Path(init_from).name
-    c = json.loads(card.read_text())
     return (f"{Path(init_from).name} (sha256 {c.get('sha256', '')[:12]}: {c.get('n_train', 0)} training simulations, "
             f"{c.get('epochs', 0)} epochs, {c.get('train_seconds', 0)} s)")
 
 
 def _earlier_seconds(init_from: str | Path | None) -> float:
     """Seconds of optimisation behind a warm start's posterior (its card's total, else its last stage's)."""
-    card = None if init_from is None else Path(init_from).with_suffix(".json")
-    if card is None or not card.exists():
-        return 0.0
-    c = json.loads(card.read_text())
+    c = _start_card(init_from) or {}
     return float(c.get("total_train_seconds") or c.get("train_seconds") or 0.0)
 
 

@@ -124,7 +124,7 @@ class RationalQuadraticSpline(MonotonicRQSTransform):
         """x = f^-1(y) and the forward log|df/dx| at x, straight from the unconstrained parameters.
 
         The same values as ``RationalQuadraticSpline(widths, heights, derivatives).inverse_and_ladj(y)``
-        in about half the tensor operations (no transform object; widths and heights squashed,
+        in fewer tensor operations (no transform object; widths and heights squashed,
         normalised and looked up together; one gather for the four knot coordinates), which is what
         a single galaxy's draws are made of (:mod:`sedppl.infer.autoregressive`).
 
