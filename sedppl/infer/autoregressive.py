@@ -155,7 +155,7 @@ class _Plan:
                         else g[0] for g in self.groups}
         cols = sorted(c for g in self.groups for c in g[1])
         spans = sorted((g[1][0], g[1][-1]) for g in self.groups)
-        self.contiguous = all(g[1] == list(range(g[1][0], g[1][-1] + 1)) for g in self.groups) and \
+        self.contiguous = all(isinstance(c, slice) for c in self.columns.values()) and \
             cols == list(range(len(cols))) and all(a[1] + 1 == b[0] for a, b in zip(spans, spans[1:]))
 
 
