@@ -1,9 +1,27 @@
-"""Shared fixtures: the real BC03+MILES grid is loaded once per session."""
+"""Shared fixtures: the real BC03+MILES grid is loaded once per session.
+
+Under pytest-xdist (``-n 2``, as README's test command and .ci/run run the
+suite) each worker is its own session. The workers split the machine's cores
+between them (torch threads, and OMP_NUM_THREADS for the notebooks' kernels), and
+the trained ``small_posterior`` is shared between them through a file lock, so it
+is trained once per run.
+"""
+
+import os
 
 import pytest
 import torch
+from filelock import FileLock
 
 from sedppl.sps.grid import load_bc03_miles
+
+
+def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 @pytest.fixture(scope="session")
@@ -22,10 +40,22 @@ def small_model(grid):
 @pytest.fixture(scope="session")
 def small_posterior(small_model, tmp_path_factory):
     """An amortized posterior of ``small_model``, trained here in about two minutes (12,000 simulations)."""
+    from sedppl.infer.npe import NeuralPosterior
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this run's directory, shared by its workers
+    out = root / "small_posterior" / "delayed_tau"
+    with FileLock(str(root / "small_posterior.lock")):
+        if out.with_suffix(".safetensors").exists():
+            return NeuralPosterior.load(out, small_model)
+        return _train_small_posterior(small_model, out)
+
+
+def _train_small_posterior(small_model, out):
     from sedppl.infer.conditions import ObservingConditions
     from sedppl.infer.npe_training import train_npe
 
-    out = tmp_path_factory.mktemp("npe") / "delayed_tau"
     cond = ObservingConditions(snr_photometry=(10.0, 100.0), photometry_floor=small_model.photometry_floor)
     return train_npe(small_model, out, n_sims=12_000, n_valid=1_000, model_name="DelayedTau", conditions=cond,
                      seed=3, batch_size=64, lr=1e-3, max_epochs=40, patience=8, context=32, transforms=3,
