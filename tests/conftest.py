@@ -16,6 +16,23 @@ from filelock import FileLock
 from sedppl.sps.grid import load_bc03_miles
 
 
+#: The slowest test files, slowest first (pytest --durations, two workers, 2026-11-29): with
+#: ``--no-loadscope-reorder`` the workers take files in this order, so the long ones start first
+#: and the two workers finish together; the rest follow in collection order.
+SLOWEST_FILES = ["infer/test_hmc.py", "infer/test_vae.py", "test_cli.py", "infer/test_smc.py",
+                 "infer/test_npe.py", "test_fitting.py", "test_tutorials.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(__file__)
+
+    def rank(item):
+        path = os.path.relpath(str(item.path), here).replace(os.sep, "/")
+        return SLOWEST_FILES.index(path) if path in SLOWEST_FILES else len(SLOWEST_FILES)
+
+    items.sort(key=rank)  # stable: each file keeps its tests' order
+
+
 def pytest_configure(config):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
