@@ -3,8 +3,8 @@
 A posterior card gives one calibration figure per parameter over its 1,000 held-out
 simulations. When a parameter's SBC ranks fail (the DESI posterior's dust index:
 too wide), the next question is where: at low S/N, where the data leave the
-posterior at its prior; for galaxies with little dust; near the prior's edges;
-or everywhere. This script draws the same held-out simulations as the card
+posterior at its prior; where the posterior is already wide or narrow; near the
+prior's edges; or everywhere. This script draws the same held-out simulations as the card
 (:func:`sedppl.infer.npe_calibration.calibrate`'s seed and noise), and for one
 parameter prints, in equal-count bins of
 
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from _timing import start
 
+from sedppl.diagnostics import central_interval_coverage
 from sedppl.infer.npe_calibration import _fresh_simulations
 from sedppl.infer.npe_training import _rows
 from sedppl.posteriors import load_shipped
@@ -45,11 +46,10 @@ CARD_SEED = 987_654  # the held-out simulations of calibrate() and the cards
 
 
 def _row(label: str, truth: np.ndarray, draws: np.ndarray) -> str:
-    lo, hi = np.percentile(draws, [16, 84], axis=1)
-    lo95, hi95 = np.percentile(draws, [2.5, 97.5], axis=1)
+    c68, c95 = central_interval_coverage(truth, draws, (0.68, 0.95))
     rank = (draws < truth[:, None]).mean(1)
-    return (f"  {label:>17s}  n={len(truth):4d}  68%: {np.mean((truth >= lo) & (truth <= hi)):.3f}  "
-            f"95%: {np.mean((truth >= lo95) & (truth <= hi95)):.3f}  rank mean {rank.mean():.3f} sd {rank.std():.3f}")
+    return (f"  {label:>17s}  n={len(truth):4d}  68%: {c68:.3f}  95%: {c95:.3f}  "
+            f"rank mean {rank.mean():.3f} sd {rank.std():.3f}")
 
 
 def main(argv=None) -> dict:
