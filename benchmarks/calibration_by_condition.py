@@ -40,11 +40,12 @@ import numpy as np
 import torch
 from _timing import start
 
+from sedppl import zoo
 from sedppl.diagnostics import central_interval_coverage
 from sedppl.infer.npe import NeuralPosterior
 from sedppl.infer.npe_calibration import _fresh_simulations
 from sedppl.infer.npe_training import _rows
-from sedppl.posteriors import load_shipped
+from sedppl.posteriors import SHIPPED, shipped_path
 
 CARD_SEED = 987_654  # the held-out simulations of calibrate() and the cards
 
@@ -68,9 +69,8 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     start(a.threads)
     t0 = time.perf_counter()
-    post = load_shipped(a.posterior)
-    if a.file:
-        post = NeuralPosterior.load(a.file, post.model)
+    model = getattr(zoo, SHIPPED[a.posterior][0])()
+    post = NeuralPosterior.load(a.file or shipped_path(a.posterior), model)  # one load, shipped or not
     labels = post.space.labels()
     if a.param not in labels:
         raise SystemExit(f"--param {a.param!r} is not one of {labels}")
