@@ -8,11 +8,19 @@ sedppl in vacuum, so bagpipes' wavelengths are converted to vacuum; both spectra
 are then binned onto the same 20 A pixels (the same resolution).
 """
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
-pipes = pytest.importorskip("bagpipes")
+# bagpipes' first import in a fresh environment writes a table (its IGM grid) into its install folder;
+# a second test worker collecting this file at the same time would find it missing or half written
+# (seen in CI), so the import is serialised across processes
+with FileLock(os.path.join(tempfile.gettempdir(), "sedppl-bagpipes-import.lock")):
+    pipes = pytest.importorskip("bagpipes")
 
 from astropy.cosmology import FlatLambdaCDM  # noqa: E402
 
