@@ -207,7 +207,8 @@ def _train(args: argparse.Namespace) -> int:
     kw = dict(n_sims=args.n_sims, n_valid=max(100, args.n_sims // 20), model_name=name, conditions=conditions,
               max_epochs=args.max_epochs, patience=args.patience, n_sims_log_z=args.n_sims_log_z,
               distance_inputs=args.model == "specphot", progress=True,
-              schedule={"staged": "plateau"}.get(args.schedule, args.schedule), lr=args.lr)
+              schedule={"staged": "plateau"}.get(args.schedule, args.schedule), lr=args.lr,
+              interleaved_transforms=args.interleaved)
     if args.ensemble > 1:
         from .infer.ensemble import train_npe_ensemble
 
@@ -463,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "as an equal-weight mixture: wider where the members disagree (default 1: one posterior)")
     t.add_argument("--init-from", default=None,
                    help="start from the weights of a trained posterior of the same model (.safetensors)")
+    t.add_argument("--interleaved", type=int, default=0,
+                   help="posterior: further spline coupling transforms whose groups are the even and the odd "
+                        "parameters, so that neighbouring ones (e.g. tau_ism and dust_index) are conditioned on "
+                        "each other; they start as the identity and may be added with --init-from (default 0)")
     t.add_argument("--n-base-fit", type=int, default=2000,
                    help="fresh simulations to refit the width of the flow's base distribution on after "
                         "training (maximum likelihood; sedppl.infer.npe_calibration.fit_base_scale; 0: skip)")

@@ -67,6 +67,58 @@ class ConditionalAffine(zuko.lazy.LazyTransform):
             zuko.transforms.MonotonicAffineTransform(shift, scale), 1)
 
 
+def interleaved_order(features: int, odd_first: bool = False) -> Tensor:
+    """A feature order whose two coupling groups (``passes=2``) are the even and the odd features.
+
+    zuko's NSF alternates the orders 0..D-1 and D-1..0, whose coupling groups are the first and
+    the second half of the features in both: two neighbouring sites such as ``tau_ism`` and
+    ``dust_index`` then always fall in the same group, and no transform conditions one on the
+    other. Interleaved groups split every pair of neighbours.
+
+    Arguments:
+        features: D, parameters.
+        odd_first: Whether the odd features form the first group (the one the other is
+            conditioned on) instead of the even ones.
+
+    Returns:
+        The order, (D,) integers: the first group's features take 0..ceil(D/2)-1, the second's the rest.
+    """
+    idx = torch.arange(features)
+    first = idx % 2 == (1 if odd_first else 0)
+    order = torch.empty(features, dtype=torch.long)
+    half = -(-features // 2)
+    order[first] = torch.arange(int(first.sum()))
+    order[~first] = half + torch.arange(int((~first).sum()))
+    return order
+
+
+def interleaved_coupling(features: int, context: int, hidden: tuple[int, ...],
+                         odd_first: bool = False) -> zuko.flows.MaskedAutoregressiveTransform:
+    """A rational-quadratic spline coupling transform (zuko's, 8 bins) over interleaved groups,
+    starting as the identity (zero output layer: equal bins, unit slopes).
+
+    Arguments:
+        features: D, parameters.
+        context: C, size of the context vector.
+        hidden: Widths of the hidden layers of its masked network.
+        odd_first: See :func:`interleaved_order`.
+
+    Returns:
+        The lazy transform (its context-free part is the identity until trained).
+    """
+    import functools
+
+    bins = 8
+    t = zuko.flows.MaskedAutoregressiveTransform(
+        features=features, context=context, passes=2, order=interleaved_order(features, odd_first),
+        univariate=functools.partial(zuko.transforms.MonotonicRQSTransform, slope=1e-3),
+        shapes=[(bins,), (bins,), (bins - 1,)], hidden_features=hidden)
+    last = [m for m in t.hyper if isinstance(m, nn.Linear)][-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return t
+
+
 class NeuralPosterior(nn.Module):
     """q(theta | data) for one model.
 
@@ -97,6 +149,12 @@ class NeuralPosterior(nn.Module):
         if card.conditional_affine:
             nsf = zuko.lazy.Flow([ConditionalAffine(self.space.dim, card.context), *nsf.transform.transforms],
                                  nsf.base)
+        if card.interleaved_transforms:
+            # appended on the base side, so a warm start from a posterior without them keeps its
+            # state-dict keys; they start as the identity (see interleaved_coupling)
+            extra = [interleaved_coupling(self.space.dim, card.context, tuple(card.hidden), odd_first=i % 2 == 1)
+                     for i in range(card.interleaved_transforms)]
+            nsf = zuko.lazy.Flow([*nsf.transform.transforms, *extra], nsf.base)
         self.flow = nsf
         d = self.space.dim
         self.register_buffer("theta_shift", torch.zeros(d))

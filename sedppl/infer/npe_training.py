@@ -53,7 +53,8 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
               conditions: ObservingConditions | None = None, seed: int = 0, batch_size: int = 256,
               lr: float = 1e-3, patience: int = 15, max_epochs: int = 200, context: int = 64,
               transforms: int = 6, hidden: tuple[int, int] = (128, 128), conditional_affine: bool = True,
-              whiten: bool = True, chunk: int = 1000, n_sims_log_z: int = 0, distance_inputs: bool = False,
+              interleaved_transforms: int = 0, whiten: bool = True, chunk: int = 1000, n_sims_log_z: int = 0,
+              distance_inputs: bool = False,
               init_from: str | Path | None = None, schedule: str = "plateau",
               progress: bool = True) -> NeuralPosterior:
     """Train (or resume training) a neural posterior for ``model`` and save it with its card.
@@ -76,6 +77,9 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
         context, transforms, hidden: Sizes of the encoder output and of the flow.
         conditional_affine: Start the flow with a context-predicted affine map (sharper
             posteriors at high S/N for the same training budget).
+        interleaved_transforms: Further coupling transforms whose groups are the even and the odd
+            parameters (:func:`sedppl.infer.npe.interleaved_coupling`); they start as the identity,
+            so they can be added in a warm-start stage.
         whiten: Prior-whitened flow coordinates (:mod:`sedppl.infer.whitening`).
         chunk: Simulations per chunk.
         n_sims_log_z: Further simulations with redshifts drawn uniformly in log z (denser
@@ -129,6 +133,7 @@ def train_npe(model, out: str | Path, n_sims: int = 100_000, n_valid: int = 5_00
                          wave=wave, bin_factor=conditions.bin_factor, redshift_range=list(z_range),
                          redshift_given=redshift_given, conditions=asdict(conditions), context=context,
                          transforms=transforms, hidden=list(hidden), conditional_affine=conditional_affine,
+                         interleaved_transforms=interleaved_transforms,
                          whiten=whiten, distance_inputs=distance_inputs, n_sims_log_z=n_sims_log_z,
                          initialised_from=_describe(init_from), schedule=schedule, lr=lr,
                          n_train=len(train), n_valid=len(valid))

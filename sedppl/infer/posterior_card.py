@@ -28,6 +28,10 @@ class PosteriorCard:
         context, transforms, hidden: Sizes of the encoder output and of the flow.
         conditional_affine: Whether the flow starts with an elementwise affine map whose
             shift and scale the context predicts (see :class:`ConditionalAffine`).
+        interleaved_transforms: Further spline coupling transforms on the base side of the flow
+            whose two groups are the even and the odd parameters (see
+            :func:`sedppl.infer.npe.interleaved_coupling`), so that neighbouring sites such as
+            ``tau_ism`` and ``dust_index`` are conditioned on each other (0: none).
         whiten: Whether the flow's coordinates are prior-whitened (:mod:`sedppl.infer.whitening`)
             rather than the plain unconstrained ones.
         distance_inputs: Whether the encoder also sees log10 z and the distance-corrected
@@ -66,6 +70,7 @@ class PosteriorCard:
     transforms: int = 6
     hidden: list = field(default_factory=lambda: [128, 128])
     conditional_affine: bool = False
+    interleaved_transforms: int = 0
     whiten: bool = False
     distance_inputs: bool = False
     n_sims_log_z: int = 0
