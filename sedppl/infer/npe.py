@@ -21,6 +21,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -106,8 +107,6 @@ def interleaved_coupling(features: int, context: int, hidden: tuple[int, ...],
     Returns:
         The lazy transform (its context-free part is the identity until trained).
     """
-    import functools
-
     bins = 8
     t = zuko.flows.MaskedAutoregressiveTransform(
         features=features, context=context, passes=2, order=interleaved_order(features, odd_first),
