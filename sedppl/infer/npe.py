@@ -85,12 +85,9 @@ def interleaved_order(features: int, odd_first: bool = False) -> Tensor:
         The order, (D,) integers: the first group's features take 0..ceil(D/2)-1, the second's the rest.
     """
     idx = torch.arange(features)
-    first = idx % 2 == (1 if odd_first else 0)
-    order = torch.empty(features, dtype=torch.long)
-    half = -(-features // 2)
-    order[first] = torch.arange(int(first.sum()))
-    order[~first] = half + torch.arange(int((~first).sum()))
-    return order
+    second = idx % 2 == (0 if odd_first else 1)
+    # zuko's group of a feature is order // ceil(D / 2): the second group starts at ceil(D / 2)
+    return second * -(-features // 2) + idx // 2
 
 
 def interleaved_coupling(features: int, context: int, hidden: tuple[int, ...],
