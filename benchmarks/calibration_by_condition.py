@@ -12,6 +12,8 @@ parameter prints, in equal-count bins of
 * the posterior's width over the prior's (sd of the draws / sd of the truths,
   in the flow's unconstrained coordinates),
 * the posterior median (unconstrained coordinates),
+* with ``--by OTHER``, the posterior median of another parameter (e.g. ``--by tau_ism``:
+  is the dust index too wide where the optical depth is near its prior's edge at 0?),
 
 the coverage of the central 68% and 95% intervals (nominal 0.68 / 0.95; one bin of
 n simulations has a binomial sd of sqrt(0.68 x 0.32 / n), 0.033 for n = 200), the
@@ -25,7 +27,7 @@ would not test that: given the truth, a calibrated posterior's ranks lean toward
 the prior's centre (shrinkage), so extreme truths get mean ranks far from 0.5.
 
     python benchmarks/calibration_by_condition.py [--posterior specphot|phot] [--param dust_index]
-        [--n-sims 1000] [--draws 200] [--bins 5] [--file FILE] [--seed 987654]
+        [--n-sims 1000] [--draws 200] [--bins 5] [--file FILE] [--seed 987654] [--by OTHER ...]
 
 ``--file`` measures a trained posterior file of the same model instead of the shipped
 one (e.g. a candidate from ``sedppl train posterior --model specphot``). ``--seed`` draws
@@ -70,14 +72,17 @@ def main(argv=None) -> dict:
     p.add_argument("--file", default=None, help="a trained posterior of the same model (default: the shipped one)")
     p.add_argument("--seed", type=int, default=CARD_SEED,
                    help=f"seed of the held-out simulations (default {CARD_SEED}: the card's)")
+    p.add_argument("--by", nargs="*", default=[],
+                   help="further conditions: the posterior medians of these parameters (labels of the posterior's space)")
     a = p.parse_args(argv)
     start(a.threads)
     t0 = time.perf_counter()
     model = getattr(zoo, SHIPPED[a.posterior][0])()
     post = NeuralPosterior.load(a.file or shipped_path(a.posterior), model)  # one load, shipped or not
     labels = post.space.labels()
-    if a.param not in labels:
-        raise SystemExit(f"--param {a.param!r} is not one of {labels}")
+    for name in [a.param, *a.by]:
+        if name not in labels:
+            raise SystemExit(f"{name!r} is not one of {labels}")
     bank, x = _fresh_simulations(post, a.n_sims, a.seed, False)
     torch.manual_seed(a.seed)
     draws = []
@@ -99,6 +104,8 @@ def main(argv=None) -> dict:
         snr_name = "median photometric S/N"
     conditions = {snr_name: snr, "posterior sd / prior sd": d.std(1) / t.std(),
                   "posterior median (unconstrained)": np.median(d, 1)}
+    for other in a.by:
+        conditions[f"{other}'s posterior median (unconstrained)"] = np.median(draws[:, :, labels.index(other)], 1)
     for name, v in conditions.items():
         print(f"{a.param} by {name}:")
         edges = np.quantile(v, np.linspace(0, 1, a.bins + 1))
