@@ -76,7 +76,11 @@ def test_simulate_then_fit_with_the_shipped_posterior(tmp_path):
     assert len(table) == 40 and len(list((tmp_path / "fit" / "chunks").glob("posterior_*.nc"))) == 3
     # medians track the truth: log stellar mass over 4 dex of prior, correlation > 0.95
     assert np.corrcoef(table["log_stellar_mass_p50"], truth["log_stellar_mass"])[0, 1] > 0.95
-    assert 0.3 < np.median(table["chi2_dof"]) < 3.0
+    # chi2 per band against the median posterior-predictive model, with no parameters subtracted from
+    # the 5 bands' dof: a 13-parameter model fits them more closely than noise alone (the truth's expected
+    # chi2/dof is 1), and more so the closer the posterior is to the exact one (these 40 mocks: median
+    # 0.40 with the ugriz posterior shipped until 2026-11-29, 0.29 with its successor)
+    assert 0.15 < np.median(table["chi2_dof"]) < 3.0
     # a rerun finds every chunk done and rewrites the same table
     r2 = run("fit", str(mocks), "--draws", "200", "--chunk", "15", "--out", str(tmp_path / "fit"))
     assert r2.returncode in (0, 3)
@@ -152,7 +156,9 @@ def test_train_emulator_and_fit_with_the_emulated_sps(tmp_path):
     table = Table.read(tmp_path / "fit" / "summary.fits")
     truth = Table.read(mocks, hdu="TRUTH")
     assert np.corrcoef(table["log_stellar_mass_p50"], truth["log_stellar_mass"])[0, 1] > 0.95
-    assert 0.3 < np.median(table["chi2_dof"]) < 3.0
+    # chi2/dof as in test_simulate_then_fit_with_the_shipped_posterior (these 20 mocks: median 0.41 with the
+    # ugriz posterior shipped until 2026-11-29, 0.36 with its successor)
+    assert 0.15 < np.median(table["chi2_dof"]) < 3.0
 
 
 def test_train_an_ensemble_posterior_and_fit_with_it(tmp_path):
