@@ -256,11 +256,17 @@ def _warm_start(post: NeuralPosterior, path: Path) -> None:
     """Copy the weights of a trained posterior into ``post``; a linear layer that gained
     inputs keeps the old columns and starts the new ones at zero. The base's width refitted
     after the old training (``base_scale``) is not copied: training fits the flow with the
-    standard base, and the card's ``base_scale`` must describe the saved weights."""
+    standard base, and the card's ``base_scale`` must describe the saved weights. Weights
+    with no place in ``post`` (a start with more transforms) are an error, never dropped."""
     from safetensors.torch import load_file
 
     old = load_file(path)
     state = post.state_dict()
+    unplaced = sorted(k for k in old if k not in state)
+    if unplaced:  # e.g. a start with interleaved transforms that this posterior lacks
+        raise ValueError(f"cannot start from {path}: {len(unplaced)} of its weights have no place in this "
+                         f"posterior (first: {unplaced[0]}); it has more transforms than this one "
+                         f"(interleaved_transforms, --interleaved) or is of another architecture")
     for key, new in state.items():
         if key not in old or key in ("log_scale_range", "band_ratio_range", "flow.base.scale"):
             continue

@@ -278,6 +278,9 @@ def test_interleaved_transforms_added_in_a_warm_start(small_posterior, small_mod
         again = NeuralPosterior.load(grown.save(tmp_path / "grown"), small_model)
         assert again.card.interleaved_transforms == 2
         assert torch.allclose(again.log_prob(truth, mock.obs), grown.log_prob(truth, mock.obs), atol=1e-5)
+    # the other way round, the grown posterior's two transforms would be lost: an error
+    with pytest.raises(ValueError, match="no place in this posterior.*--interleaved"):
+        _warm_start(NeuralPosterior(small_posterior.card, small_model), tmp_path / "grown.safetensors")
 
 
 def test_out_of_distribution_warning(small_posterior, small_model):
