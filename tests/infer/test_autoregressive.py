@@ -128,3 +128,20 @@ def test_interleaved_coupling_splits_neighbours_and_inverts(features, odd_first)
         assert isinstance(t(c), GroupwiseAutoregressiveTransform)
         x, ladj = t(c).inv.call_and_ladj(z)
     assert torch.allclose(x, ref_x, atol=1e-4) and torch.allclose(ladj, ref_ladj, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("passes", [2, 3, None])
+def test_every_hidden_unit_is_computed_once(passes):
+    """The passes split each hidden layer's units by level (the pass from which a unit can be
+    computed): together they are every unit exactly once; for a coupling transform (2 passes) the
+    draws' pass computes about half of each layer (zuko assigns hidden units to the groups in turn),
+    the other half being fed by the context alone."""
+    from sedppl.infer.autoregressive import _Plan
+
+    torch.manual_seed(5)
+    t = zuko.flows.NSF(7, 3, transforms=1, hidden_features=(32, 24), passes=passes).transform.transforms[0]
+    plan = _Plan(t)
+    for layer, width in zip(plan.units, (32, 24)):
+        assert sorted(torch.cat(layer).tolist()) == list(range(width))
+    if passes == 2:
+        assert [len(u) for u in plan.units[0]] == [16, 16] and [len(u) for u in plan.units[1]] == [12, 12]
