@@ -118,6 +118,23 @@ class AgeIntegrator(torch.nn.Module):
         return prim(hi) - prim(lo)
 
 
+def _distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The distinct rows of ``rows`` (M, K) and each row's index among them, (U, K) and (M,).
+
+    Faster than ``torch.unique(rows, dim=0)`` (a lexicographic sort): rows are keyed by one
+    weighted sum and the grouping is then checked exactly; where two different rows share a key
+    (never seen; it would take an exact float coincidence), every row is its own group.
+    """
+    weights = torch.linspace(1.0, 2.0, rows.shape[-1], dtype=torch.float64, device=rows.device)
+    keys, inverse = torch.unique(rows.to(torch.float64) @ weights, return_inverse=True)
+    first = torch.empty(len(keys), dtype=torch.long, device=rows.device)
+    first.scatter_(0, inverse, torch.arange(len(rows), device=rows.device))
+    unique = rows[first]
+    if not torch.equal(unique[inverse], rows):
+        return rows, torch.arange(len(rows), device=rows.device)
+    return unique, inverse
+
+
 @dataclass
 class Population:
     """Result of :class:`StellarSynthesis`.
@@ -309,12 +326,28 @@ class StellarSynthesis(torch.nn.Module):
         fraction curves, integrated exactly as in the light, without per-age weights."""
         curves = [self.surviving] + ([] if self.living is None else [self.living])
         values = torch.cat(curves, 0).T  # (A, C*Z)
-        lo = edges[..., :-1].clamp(min=0.0)
-        hi = torch.maximum(edges[..., 1:], lo)
-        f64 = self.integrator.ages.dtype
-        frac = self.integrator.integrate(lo.to(f64) * 1e9, hi.to(f64) * 1e9, values)
-        frac = (frac / (torch.diff(edges, dim=-1).to(f64)[..., None] * 1e9)).to(mass.dtype)
+        flat = edges.reshape(-1, edges.shape[-1])
+        if not edges.requires_grad and flat.shape[0] > 1:
+            # the fractions depend on the bin edges alone, which the draws of one galaxy share (the
+            # SFH bins follow its redshift): computed once per distinct set of edges
+            unique, inverse = _distinct_rows(flat)
+            if 2 * unique.shape[0] <= flat.shape[0]:
+                frac = self._bin_fractions(unique, values, mass.dtype)[inverse]
+                frac = frac.reshape(*edges.shape[:-1], *frac.shape[-2:])
+            else:
+                frac = self._bin_fractions(edges, values, mass.dtype)
+        else:
+            frac = self._bin_fractions(edges, values, mass.dtype)
         frac = frac.unflatten(-1, (len(curves), -1))  # (..., N, C, Z)
         kept = torch.einsum("...n,...nz,...ncz->...c", mass, wz, frac)
         living = kept[..., 1] if self.living is not None else None
         return Population(None, None, mass.sum(-1), kept[..., 0], None, living)
+
+    def _bin_fractions(self, edges: Tensor, values: Tensor, dtype: torch.dtype) -> Tensor:
+        """Each bin's time-average of the curves ``values`` (A, C*Z) between edges (..., N + 1) in Gyr of
+        lookback time -> (..., N, C*Z), dimensionless, in ``dtype``."""
+        lo = edges[..., :-1].clamp(min=0.0)
+        hi = torch.maximum(edges[..., 1:], lo)
+        f64 = self.integrator.ages.dtype
+        frac = self.integrator.integrate(lo.to(f64) * 1e9, hi.to(f64) * 1e9, values)
+        return (frac / (torch.diff(edges, dim=-1).to(f64)[..., None] * 1e9)).to(dtype)
