@@ -99,7 +99,7 @@ class GroupwiseAutoregressiveTransform(Transform):
         plan = _plan(m)
         acts = plan.activations
         # hidden[k][q]: the post-activation units of hidden layer k that pass q computed
-        hidden = [[] for _ in range(len(plan.weights) - 1)]
+        hidden: list[list[Tensor]] = [[] for _ in acts]
         parts: dict[int, Tensor] = {}
         solved: list[Tensor] = []  # the groups' x, in solving order
         ladj = y.new_zeros(())
@@ -175,16 +175,13 @@ class _Plan:
         biases = [layer.bias for layer in linears]
         d = m.order.numel()
         values = torch.unique(m.order).tolist()
-        position = torch.empty(d, dtype=torch.long)
+        position = torch.empty(d, dtype=torch.long, device=m.order.device)
         for p, g in enumerate(values):
             position[m.order == g] = p
         # each hidden unit's level: see the class docstring
-        links = masks[0][:, :d]
-        level = torch.where(links.any(1), (links * (position + 1)).amax(1), 0)
-        levels = [level]
+        levels = [(masks[0][:, :d] * (position + 1)).amax(1)]
         for mask in masks[1:-1]:
-            level = (mask * levels[-1]).amax(1)
-            levels.append(level)
+            levels.append((mask * levels[-1]).amax(1))
         units = [[torch.nonzero(lv == p).squeeze(-1) for p in range(len(values))] for lv in levels]
         self.units = units  # per hidden layer, per level: the units' indices
 
