@@ -100,7 +100,6 @@ class GroupwiseAutoregressiveTransform(Transform):
         acts = plan.activations
         # hidden[k][q]: the post-activation units of hidden layer k that pass q computed
         hidden: list[list[Tensor]] = [[] for _ in acts]
-        parts: dict[int, Tensor] = {}
         solved: list[Tensor] = []  # the groups' x, in solving order
         ladj = y.new_zeros(())
         for p, (feats, cols, first, layers, out) in enumerate(plan.passes):
@@ -125,15 +124,14 @@ class GroupwiseAutoregressiveTransform(Transform):
                     x_g = u.inv(y_g)
                     ladj_g = u.log_abs_det_jacobian(x_g, y_g)
             x_g = x_g.expand(*y.shape[:-1], x_g.shape[-1])
-            parts[cols[0]] = x_g
             solved.append(x_g)
             ladj = ladj + ladj_g.sum(-1)
         if plan.contiguous:
-            x = torch.cat([parts[k] for k in sorted(parts)], dim=-1)
+            x = torch.cat([solved[p] for p in plan.column_order], dim=-1)
         else:
             x = torch.zeros_like(y)
-            for feats, cols, *_ in plan.passes:
-                x = x.index_copy(-1, feats, parts[cols[0]])
+            for (feats, *_), x_g in zip(plan.passes, solved):
+                x = x.index_copy(-1, feats, x_g)
         return x, ladj.expand(x.shape[:-1])
 
 
@@ -213,6 +211,8 @@ class _Plan:
                         else g[0] for g in self.passes}
         cols = sorted(c for g in self.passes for c in g[1])
         spans = sorted((g[1][0], g[1][-1]) for g in self.passes)
+        # the passes in the order of their columns (for concatenating contiguous groups)
+        self.column_order = sorted(range(len(self.passes)), key=lambda p: self.passes[p][1][0])
         self.contiguous = all(isinstance(c, slice) for c in self.columns.values()) and \
             cols == list(range(len(cols))) and all(a[1] + 1 == b[0] for a, b in zip(spans, spans[1:]))
 

@@ -327,6 +327,7 @@ class StellarSynthesis(torch.nn.Module):
         curves = [self.surviving] + ([] if self.living is None else [self.living])
         values = torch.cat(curves, 0).T  # (A, C*Z)
         flat = edges.reshape(-1, edges.shape[-1])
+        frac = None
         if not edges.requires_grad and flat.shape[0] > 1:
             # the fractions depend on the bin edges alone, which the draws of one galaxy share (the
             # SFH bins follow its redshift): computed once per distinct set of edges
@@ -334,9 +335,7 @@ class StellarSynthesis(torch.nn.Module):
             if 2 * unique.shape[0] <= flat.shape[0]:
                 frac = self._bin_fractions(unique, values, mass.dtype)[inverse]
                 frac = frac.reshape(*edges.shape[:-1], *frac.shape[-2:])
-            else:
-                frac = self._bin_fractions(edges, values, mass.dtype)
-        else:
+        if frac is None:
             frac = self._bin_fractions(edges, values, mass.dtype)
         frac = frac.unflatten(-1, (len(curves), -1))  # (..., N, C, Z)
         kept = torch.einsum("...n,...nz,...ncz->...c", mass, wz, frac)
