@@ -336,11 +336,22 @@ class NeuralPosterior(nn.Module):
         return u, (torch.cat(lqs, 1) - torch.log(self.theta_scale).sum() if log_q else None)
 
     def _flow_draws(self, ctx: Tensor, num_samples: int, log_q: bool) -> tuple[Tensor, Tensor | None]:
-        """S draws of the flow's standardised coordinates (S, N, D) for contexts (N, C), with log q or None."""
-        flow = self.flow(ctx)
-        if log_q:
-            return flow.rsample_and_log_prob((num_samples,))
-        return flow.sample((num_samples,)), None
+        """S draws of the flow's standardised coordinates (S, N, D) for contexts (N, C), with log q or None.
+
+        zuko's ``rsample_and_log_prob`` written out transform by transform (the last transform's
+        inverse first): the same draws, without a ``ComposedTransform``, whose construction
+        ``torch.compile`` cannot trace (it would split the compiled flow into several graphs).
+        """
+        base = self.flow.base(ctx).expand(ctx.shape[:-1])
+        z = base.sample((num_samples,))
+        x, ladj = z, None
+        for t in reversed(self.flow.transform.transforms):
+            if log_q:
+                x, ladj_t = t(ctx).inv.call_and_ladj(x)
+                ladj = ladj_t if ladj is None else ladj + ladj_t
+            else:
+                x = t(ctx).inv(x)
+        return x, (base.log_prob(z) - ladj if log_q else None)
 
     def compile(self, enable: bool = True) -> "NeuralPosterior":
         """Draw through a ``torch.compile``-d flow (TorchInductor's fused C++ kernels) from now on.

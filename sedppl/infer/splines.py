@@ -50,6 +50,26 @@ def _knots(u: Tensor, scale: float, bound: float) -> Tensor:
     return F.pad(c * ((2 * bound) / c[..., -1:]) - bound, (1, 0), value=-bound)
 
 
+def _invert_in_bin(y: Tensor, inside: Tensor, x0: Tensor, x1: Tensor, y0: Tensor, y1: Tensor, d0: Tensor,
+                   d1: Tensor) -> tuple[Tensor, Tensor]:
+    """x = f^-1(y) and the forward log|df/dx| at x within the bin [x0, x1] -> [y0, y1] with knot
+    derivatives d0, d1 (Durkan et al. 2019, eqs. 6-8 solved for x); y itself and 0 where not ``inside``."""
+    width, height = x1 - x0, y1 - y0
+    s = height / width
+    dy = torch.where(inside, y - y0, 0.0)
+    curve = d0 + d1 - 2 * s
+    q = dy * curve
+    a = height * (s - d0) + q
+    b = height * d0 - q
+    c = -s * dy
+    z = 2 * c / (-b - (b * b - 4 * a * c).sqrt())
+    omz = 1 - z
+    zz = z * omz
+    den = s + curve * zz
+    jacobian = s * s * (2 * s * zz + d0 * omz * omz + d1 * z * z) / (den * den)
+    return torch.where(inside, x0 + z * width, y), torch.where(inside, jacobian.log(), 0.0)
+
+
 class RationalQuadraticSpline(MonotonicRQSTransform):
     """zuko's ``MonotonicRQSTransform`` with a faster construction and bin lookup.
 
@@ -166,20 +186,58 @@ class RationalQuadraticSpline(MonotonicRQSTransform):
         x1, y1 = xy[..., 0, 1], xy[..., 1, 1]
         d0 = torch.where(first, 1.0, dd[..., 0])
         d1 = torch.where(last, 1.0, dd[..., 1])
-        width, height = x1 - x0, y1 - y0
-        s = height / width
-        dy = torch.where(inside, y - y0, 0.0)
-        curve = d0 + d1 - 2 * s
-        q = dy * curve
-        a = height * (s - d0) + q
-        b = height * d0 - q
-        c = -s * dy
-        z = 2 * c / (-b - (b * b - 4 * a * c).sqrt())
-        omz = 1 - z
-        zz = z * omz
-        den = s + curve * zz
-        jacobian = s * s * (2 * s * zz + d0 * omz * omz + d1 * z * z) / (den * den)
-        return torch.where(inside, x0 + z * width, y), torch.where(inside, jacobian.log(), 0.0)
+        return _invert_in_bin(y, inside, x0, x1, y0, y1, d0, d1)
+
+    @staticmethod
+    def inverse_from_rows(params: Tensor, y: Tensor, bound: float = 5.0,
+                          slope: float = 1e-3) -> tuple[Tensor, Tensor]:
+        """:meth:`inverse_from_parameters` with the parameters first and the bins written out, for
+        TorchInductor.
+
+        Every operation here is element-wise on tensors of y's shape: no gather, no cumulative sum,
+        no reduction over the bins (the bin search and the knots' selection are K - 1 comparisons).
+        Compiled, that is one vectorised kernel, 4-9x faster than the compiled gathers of
+        :meth:`inverse_from_parameters` on this project's 2-core CPU (1,000-10,000 draws x 7
+        features); eager, it is ~2x slower (many small operations), so
+        :mod:`sedppl.infer.autoregressive` takes it only inside ``torch.compile``. Same values to
+        float32 rounding.
+
+        Arguments:
+            params: Unconstrained parameters, (3K - 1, *): K widths, K heights, K - 1 inner-knot
+                derivatives (zuko's order), each params[i] broadcastable to y.
+            y: Values, any shape.
+            bound: Half-width B of the spline's (co)domain [-B, B]; identity outside.
+            slope: Minimum slope of the transformation.
+
+        Returns:
+            x and log|df/dx|, both y's shape (log|df/dx| is 0 outside the spline box).
+        """
+        bins = (params.shape[0] + 1) // 3
+        scale = 1 / abs(math.log(slope))
+
+        def size(i: int, s: float) -> Tensor:  # zuko's squashing, then the exponential (no shift needed)
+            return torch.exp(params[i] / (1 + s * params[i].abs()))
+
+        cw, ch = [size(0, 2 * scale)], [size(bins, 2 * scale)]
+        for i in range(1, bins):
+            cw.append(cw[-1] + size(i, 2 * scale))
+            ch.append(ch[-1] + size(bins + i, 2 * scale))
+        fw, fh = (2 * bound) / cw[-1], (2 * bound) / ch[-1]
+        # the knots of bin k: x_k, y_k (x_0 = y_0 = -B, x_K = y_K = B) and derivatives d_k (d_0 = d_K = 1)
+        xs = [-bound] + [cw[i] * fw - bound for i in range(bins - 1)] + [bound]
+        ys = [-bound] + [ch[i] * fh - bound for i in range(bins - 1)] + [bound]
+        ds = [1.0] + [size(2 * bins + i, scale) for i in range(bins - 1)] + [1.0]
+        full = functools.partial(torch.full_like, y)
+        x0, y0, d0 = full(-bound), full(-bound), full(1.0)
+        x1, y1, d1 = (t.expand_as(y) for t in (xs[1], ys[1], ds[1]))
+        for k in range(1, bins):  # y above inner knot k: bin k or later
+            above = y > ys[k]
+            x0, y0, d0 = torch.where(above, xs[k], x0), torch.where(above, ys[k], y0), torch.where(above, ds[k], d0)
+            x1 = torch.where(above, xs[k + 1], x1)
+            y1 = torch.where(above, ys[k + 1], y1)
+            d1 = torch.where(above, ds[k + 1], d1)
+        inside = (y > -bound) & (y < bound)
+        return _invert_in_bin(y, inside, x0, x1, y0, y1, d0, d1)
 
 
 def use_fast_splines(flow: torch.nn.Module) -> int:

@@ -31,10 +31,19 @@ def test_spline_equals_zukos(dtype):
     assert torch.isfinite(wg.grad).all() and wg.grad.abs().sum() > 0
 
 
+def _inverse(layout: str, params, y, **kw):
+    """The inverse from parameters (*, F, 3K - 1), in either layout."""
+    if layout == "rows":  # parameters first
+        return RationalQuadraticSpline.inverse_from_rows(params.movedim(-1, 0), y, **kw)
+    return RationalQuadraticSpline.inverse_from_parameters(params, y, **kw)
+
+
+@pytest.mark.parametrize("layout", ["parameters", "rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bound, slope", [(5.0, 1e-3), (3.0, 1e-2)])
-def test_inverse_from_parameters_equals_zukos_inverse(dtype, bound, slope):
-    """The inverse straight from the unconstrained parameters (what the draws use) equals zuko's inverse,
+def test_inverse_from_parameters_equals_zukos_inverse(layout, dtype, bound, slope):
+    """The inverse straight from the unconstrained parameters (what the draws use; eager, the
+    parameters last, compiled, first: ``inverse_from_rows``) equals zuko's inverse,
     and its log|df/dx| zuko's forward log-determinant at that x, for 2,000 x 5 elements with their own
     knots and y up to +-1.4 B (some outside the box, where x = y and the log-determinant is 0): to 1e-4
     (values) and 1e-3 (log-determinants) in float32, 1e-12 and 1e-11 in float64. Knots shared by
@@ -44,7 +53,7 @@ def test_inverse_from_parameters_equals_zukos_inverse(dtype, bound, slope):
     params = torch.randn(2000, 5, 23, generator=g, dtype=dtype)
     y = 1.4 * bound * (2 * torch.rand(2000, 5, generator=g, dtype=dtype) - 1)
     ref = MonotonicRQSTransform(params[..., :8], params[..., 8:16], params[..., 16:], bound=bound, slope=slope)
-    x, ladj = RationalQuadraticSpline.inverse_from_parameters(params, y, bound=bound, slope=slope)
+    x, ladj = _inverse(layout, params, y, bound=bound, slope=slope)
     tol = {torch.float32: 1e-4, torch.float64: 1e-12}[dtype]
     x_ref = ref.inv(y)
     assert torch.allclose(x, x_ref, atol=tol, rtol=0)
@@ -52,12 +61,11 @@ def test_inverse_from_parameters_equals_zukos_inverse(dtype, bound, slope):
     out = y.abs() > bound
     assert out.any() and torch.equal(x[out], y[out]) and torch.equal(ladj[out], torch.zeros_like(ladj[out]))
     shared = params[:1, :, :].squeeze(0)  # (5, 23)
-    x_s, ladj_s = RationalQuadraticSpline.inverse_from_parameters(shared, y[:100], bound=bound, slope=slope)
-    x_e, ladj_e = RationalQuadraticSpline.inverse_from_parameters(shared.expand(100, 5, 23).clone(), y[:100],
-                                                                  bound=bound, slope=slope)
+    x_s, ladj_s = _inverse(layout, shared, y[:100], bound=bound, slope=slope)
+    x_e, ladj_e = _inverse(layout, shared.expand(100, 5, 23).clone(), y[:100], bound=bound, slope=slope)
     assert torch.allclose(x_s, x_e, atol=tol, rtol=0) and torch.allclose(ladj_s, ladj_e, atol=tol, rtol=0)
     pg = params.clone().requires_grad_(True)
-    sum(t.sum() for t in RationalQuadraticSpline.inverse_from_parameters(pg, y, bound=bound, slope=slope)).backward()
+    sum(t.sum() for t in _inverse(layout, pg, y, bound=bound, slope=slope)).backward()
     assert torch.isfinite(pg.grad).all() and pg.grad.abs().sum() > 0
 
 
