@@ -20,6 +20,7 @@ from sedppl.infer.npe import NeuralPosterior
 from sedppl.infer.npe_calibration import calibrate, fit_base_scale
 from sedppl.infer.parameters import ParameterSpace
 from sedppl.infer.simulations import bin_spectrum
+from sedppl.infer.splines import use_fast_splines
 from sedppl.mocks import make_mocks
 from sedppl.noise import photometry_sigma
 from tests.models import BANDS
@@ -268,6 +269,7 @@ def test_interleaved_transforms_added_in_a_warm_start(small_posterior, small_mod
     path = small_posterior.save(tmp_path / "p")
     grown = NeuralPosterior(dataclasses.replace(small_posterior.card, interleaved_transforms=2), small_model)
     _warm_start(grown, path)
+    use_fast_splines(grown.flow)  # as a loaded posterior draws (zuko's spline agrees only to rounding, ~1e-4)
     grown.flow.base.scale.fill_(small_posterior.card.base_scale)
     grown.eval()
     assert len(grown.flow.transform.transforms) == len(small_posterior.flow.transform.transforms) + 2
