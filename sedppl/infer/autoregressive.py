@@ -104,15 +104,15 @@ class GroupwiseAutoregressiveTransform(Transform):
         """
         m = self.module
         plan = _plan(m)
+        if plan.inverse_rows is not None and _parameter_major():
+            nb = 0 if self.c is None else self.c.dim() - 1
+            if self.c is None or y.shape[y.dim() - 1 - nb:-1] == self.c.shape[:-1]:
+                return self._solve_feature_major(y, plan, nb)
         acts = plan.activations
         # hidden[k][q]: the post-activation units of hidden layer k that pass q computed
         hidden: list[list[Tensor]] = [[] for _ in acts]
         solved: list[Tensor] = []  # the groups' x, in solving order
         ladj = y.new_zeros(())
-        if plan.inverse_rows is not None and _parameter_major():
-            nb = 0 if self.c is None else self.c.dim() - 1
-            if self.c is None or y.shape[y.dim() - 1 - nb:-1] == self.c.shape[:-1]:
-                return self._solve_feature_major(y, plan, nb)
         for p, (feats, cols, first, layers, out, _) in enumerate(plan.passes):
             w_c, w_x, b = first
             # the first layer: context (the same for every draw) + the groups solved so far
@@ -123,8 +123,8 @@ class GroupwiseAutoregressiveTransform(Transform):
             for k, (ws, b) in enumerate(layers, start=1):
                 pre = _combine(hidden[k - 1], ws, b)
                 hidden[k].append(acts[k](pre))
-            y_g = y[..., plan.columns[cols[0]]]
             phi = _combine(hidden[-1], *out)
+            y_g = y[..., plan.columns[cols[0]]]
             if plan.inverse is not None:
                 x_g, ladj_g = plan.inverse(phi.unflatten(-1, (-1, m.total)), y_g)
             else:
@@ -144,7 +144,6 @@ class GroupwiseAutoregressiveTransform(Transform):
             for (feats, *_), x_g in zip(plan.passes, solved):
                 x = x.index_copy(-1, feats, x_g)
         return x, ladj.expand(x.shape[:-1])
-
 
     def _solve_feature_major(self, y: Tensor, plan: "_Plan", nb: int) -> tuple[Tensor, Tensor]:
         """:meth:`solve` with every tensor laid out (features, *batch, *sample): the context's nb batch
@@ -185,6 +184,7 @@ class GroupwiseAutoregressiveTransform(Transform):
         ladj = ladj.expand(yt.shape[1:])
         return xt.permute(*range(1 + nb, 1 + nb + ns), *range(1, 1 + nb), 0), \
             ladj.permute(*range(nb, nb + ns), *range(nb))
+
 
 def _parameter_major() -> bool:
     """Whether the inverse takes each group's spline parameters first

@@ -357,8 +357,8 @@ class NeuralPosterior(nn.Module):
         """Draw through a ``torch.compile``-d flow (TorchInductor's fused C++ kernels) from now on.
 
         Each new shape (draws per galaxy, galaxies per flow call, ``log_q`` or not) is compiled at its
-        first call, which takes about a minute on a 2-core CPU (TorchInductor caches kernels on disk,
-        so later processes compile faster); after that, drawing is faster than eager
+        first call, which took 85-91 s on a 2-core CPU (2026-12-06; TorchInductor caches kernels on disk,
+        so later processes compile faster); after that, drawing is 2.7-3.2x faster than eager
         (``benchmarks/npe.py --compile`` measures the ratio). Worth it for catalogs and for many
         galaxies in one session, not for a single call. Needs a C++ compiler; for fixed weights only
         (compile after training or loading).

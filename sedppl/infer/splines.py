@@ -229,7 +229,7 @@ class RationalQuadraticSpline(MonotonicRQSTransform):
         ds = [1.0] + [size(2 * bins + i, scale) for i in range(bins - 1)] + [1.0]
         full = functools.partial(torch.full_like, y)
         x0, y0, d0 = full(-bound), full(-bound), full(1.0)
-        x1, y1, d1 = (t.expand_as(y) for t in (xs[1], ys[1], ds[1]))
+        x1, y1, d1 = (full(0.0) + t for t in (xs[1], ys[1], ds[1]))
         for k in range(1, bins):  # y above inner knot k: bin k or later
             above = y > ys[k]
             x0, y0, d0 = torch.where(above, xs[k], x0), torch.where(above, ys[k], y0), torch.where(above, ds[k], d0)
