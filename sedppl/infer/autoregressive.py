@@ -137,12 +137,7 @@ class GroupwiseAutoregressiveTransform(Transform):
             x_g = x_g.expand(*y.shape[:-1], x_g.shape[-1])
             solved.append(x_g)
             ladj = ladj + ladj_g.sum(-1)
-        if plan.contiguous:
-            x = torch.cat([solved[p] for p in plan.column_order], dim=-1)
-        else:
-            x = torch.zeros_like(y)
-            for (feats, *_), x_g in zip(plan.passes, solved):
-                x = x.index_copy(-1, feats, x_g)
+        x = _assemble(plan, solved, y, -1)
         return x, ladj.expand(x.shape[:-1])
 
     def _solve_feature_major(self, y: Tensor, plan: "_Plan", nb: int) -> tuple[Tensor, Tensor]:
@@ -175,15 +170,21 @@ class GroupwiseAutoregressiveTransform(Transform):
             x_g, ladj_g = plan.inverse_rows(phi.unflatten(0, (m.total, -1)), yt[plan.columns[cols[0]]])
             solved.append(x_g)
             ladj = ladj + ladj_g.sum(0)
-        if plan.contiguous:
-            xt = torch.cat([solved[p] for p in plan.column_order], dim=0)
-        else:
-            xt = torch.zeros_like(yt)
-            for (feats, *_), x_g in zip(plan.passes, solved):
-                xt = xt.index_copy(0, feats, x_g)
+        xt = _assemble(plan, solved, yt, 0)
         ladj = ladj.expand(yt.shape[1:])
         return xt.permute(*range(1 + nb, 1 + nb + ns), *range(1, 1 + nb), 0), \
             ladj.permute(*range(nb, nb + ns), *range(nb))
+
+
+def _assemble(plan: "_Plan", solved: list[Tensor], like: Tensor, dim: int) -> Tensor:
+    """The groups' solved features (in solving order) put back in feature order along ``dim`` of a
+    tensor shaped like ``like``: one concatenation where the groups are consecutive columns."""
+    if plan.contiguous:
+        return torch.cat([solved[p] for p in plan.column_order], dim=dim)
+    x = torch.zeros_like(like)
+    for (feats, *_), x_g in zip(plan.passes, solved):
+        x = x.index_copy(dim, feats, x_g)
+    return x
 
 
 def _parameter_major() -> bool:
