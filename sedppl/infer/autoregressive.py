@@ -23,7 +23,7 @@ groups before g, so
   position: :meth:`sedppl.infer.splines.RationalQuadraticSpline.inverse_and_ladj`).
 
 Inside ``torch.compile`` the same passes run with every tensor laid out features
-first and draws last (:meth:`GroupwiseAutoregressiveTransform._solve_feature_major`):
+first and draws last (:meth:`GroupwiseAutoregressiveTransform.solve_features_first`):
 the spline's element-wise work then fuses into kernels that are vectorised along
 the draws, about 1.8x faster for the whole compiled flow than the gathers of the
 eager layout (``benchmarks/RESULTS.md``), while eager drawing keeps the layout
@@ -104,10 +104,14 @@ class GroupwiseAutoregressiveTransform(Transform):
         """
         m = self.module
         plan = _plan(m)
-        if plan.inverse_rows is not None and _parameter_major():
+        if _parameter_major():
             nb = 0 if self.c is None else self.c.dim() - 1
-            if self.c is None or y.shape[y.dim() - 1 - nb:-1] == self.c.shape[:-1]:
-                return self._solve_feature_major(y, plan, nb)
+            ns = y.dim() - 1 - nb
+            solved = self.solve_features_first(y.permute(y.dim() - 1, *range(ns, ns + nb), *range(ns)))
+            if solved is not None:  # back to y's layout, as views
+                xt, ladj = solved
+                return xt.permute(*range(1 + nb, 1 + nb + ns), *range(1, 1 + nb), 0), \
+                    ladj.permute(*range(nb, nb + ns), *range(nb))
         acts = plan.activations
         # hidden[k][q]: the post-activation units of hidden layer k that pass q computed
         hidden: list[list[Tensor]] = [[] for _ in acts]
@@ -140,21 +144,32 @@ class GroupwiseAutoregressiveTransform(Transform):
         x = _assemble(plan, solved, y, -1)
         return x, ladj.expand(x.shape[:-1])
 
-    def _solve_feature_major(self, y: Tensor, plan: "_Plan", nb: int) -> tuple[Tensor, Tensor]:
-        """:meth:`solve` with every tensor laid out (features, *batch, *sample): the context's nb batch
-        dimensions, then the draws', which vary fastest.
+    def solve_features_first(self, yt: Tensor) -> tuple[Tensor, Tensor] | None:
+        """:meth:`solve` with every tensor laid out features first: (D, *batch, *sample), the context's
+        batch dimensions, then the draws', which vary fastest.
 
         For ``torch.compile`` (see :func:`_parameter_major`): the layers are products ``W @ h``, each
         spline parameter is a contiguous slab, and the fused spline kernel runs along the draws with
-        the per-galaxy terms broadcast, vectorised. The results are :meth:`solve`'s (to rounding);
-        returned as views in y's layout.
+        the per-galaxy terms broadcast, vectorised. The results are :meth:`solve`'s (to rounding).
+
+        Arguments:
+            yt: Base-side values, (D, *batch, *sample), with ``batch`` the context's batch shape.
+
+        Returns:
+            x (D, *batch, *sample) and log|det df/dx| (*batch, *sample); None where this layout is not
+            available (a univariate transform without ``inverse_from_rows``, or a batch shape that is
+            not the context's).
         """
-        m, acts = self.module, plan.activations
-        ns = y.dim() - 1 - nb
-        yt = y.permute(y.dim() - 1, *range(ns, ns + nb), *range(ns))
+        m = self.module
+        plan = _plan(m)
+        nb = 0 if self.c is None else self.c.dim() - 1
+        if plan.inverse_rows is None or (self.c is not None and yt.shape[1:1 + nb] != self.c.shape[:-1]):
+            return None
+        acts = plan.activations
+        ns = yt.dim() - 1 - nb
         hidden: list[list[Tensor]] = [[] for _ in acts]
         solved: list[Tensor] = []
-        ladj = y.new_zeros(())
+        ladj = yt.new_zeros(())
         for feats, cols, first, layers, _, out_rows in plan.passes:
             w_c, w_x, b = first
             if self.c is None:
@@ -170,10 +185,7 @@ class GroupwiseAutoregressiveTransform(Transform):
             x_g, ladj_g = plan.inverse_rows(phi.unflatten(0, (m.total, -1)), yt[plan.columns[cols[0]]])
             solved.append(x_g)
             ladj = ladj + ladj_g.sum(0)
-        xt = _assemble(plan, solved, yt, 0)
-        ladj = ladj.expand(yt.shape[1:])
-        return xt.permute(*range(1 + nb, 1 + nb + ns), *range(1, 1 + nb), 0), \
-            ladj.permute(*range(nb, nb + ns), *range(nb))
+        return _assemble(plan, solved, yt, 0), ladj.expand(yt.shape[1:])
 
 
 def _assemble(plan: "_Plan", solved: list[Tensor], like: Tensor, dim: int) -> Tensor:
@@ -343,6 +355,13 @@ class _GroupwiseInverse(Transform):
     def call_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         x, ladj = self._forward.solve(y)
         return x, -ladj
+
+    def call_and_ladj_features_first(self, yt: Tensor) -> tuple[Tensor, Tensor] | None:
+        """:meth:`call_and_ladj` for values laid out features first, (D, *batch, *sample) -> the same
+        layout and (*batch, *sample); None where that layout is not available (see
+        :meth:`GroupwiseAutoregressiveTransform.solve_features_first`)."""
+        solved = self._forward.solve_features_first(yt)
+        return None if solved is None else (solved[0], -solved[1])
 
 
 class GroupwiseMaskedAutoregressiveTransform(MaskedAutoregressiveTransform):

@@ -13,7 +13,10 @@ their event shapes are read from one trace of the model.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
+import numpy as np
 
 import pyro
 import torch
@@ -24,7 +27,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from ..derived import DATA_SITES
-from .whitening import Whitener, whitener_for
+from .whitening import WhitenedColumns, Whitener, whitener_for
 
 
 @dataclass
@@ -63,6 +66,17 @@ class ParameterSpace:
 
     def _white(self, site: Site) -> Whitener | None:
         return site.whitener if self.whiten else None
+
+    @functools.cached_property
+    def _columns(self) -> tuple[np.ndarray, WhitenedColumns]:
+        """The flat columns of the whitened sites and their whiteners side by side."""
+        cols, whiteners, i = [], [], 0
+        for s in self.sites:
+            if s.whitener is not None:
+                cols += range(i, i + s.size)
+                whiteners += [s.whitener] * s.size
+            i += s.size
+        return np.array(cols, np.intp), WhitenedColumns(whiteners)
 
     @classmethod
     def from_trace(cls, trace, plate_size: int, whiten: bool = False) -> "ParameterSpace":
@@ -123,19 +137,29 @@ class ParameterSpace:
         log p(x) = log p(u) - log|dx/du|.
         """
         out, logdet, i = {}, torch.zeros(u.shape[:-1], dtype=u.dtype), 0
+        white = None
+        if self.whiten and not differentiable and self._columns[0].size:  # every whitened column at once
+            cols, bank = self._columns
+            xn, ldn = bank.from_white(u.detach().numpy()[..., cols])
+            if cols.size < u.shape[-1]:  # back to the flat columns
+                full = np.zeros(u.shape, np.float64)
+                full[..., cols] = xn
+                xn = full
+            white = torch.as_tensor(xn, dtype=u.dtype)
+            logdet = torch.as_tensor(ldn.sum(-1), dtype=u.dtype)
         for s in self.sites:
-            piece = u[..., i:i + s.size].reshape(*u.shape[:-1], *s.event_shape)
-            i += s.size
+            shape, lo, i = (*u.shape[:-1], *s.event_shape), i, i + s.size
             wh = self._white(s)
-            if wh is not None and differentiable:
+            if wh is not None and white is not None:  # its log-Jacobian is in logdet already
+                out[s.name] = white[..., lo:i].reshape(shape)
+                continue
+            piece = u[..., lo:i].reshape(shape)
+            if wh is not None:
                 x, ld = wh.from_white_torch(piece)
-            elif wh is None:
+            else:
                 t = biject_to(s.support)
                 x = t(piece)
                 ld = t.log_abs_det_jacobian(piece, x)
-            else:
-                xn, ldn = wh.from_white(piece.detach().numpy())
-                x, ld = torch.as_tensor(xn, dtype=u.dtype), torch.as_tensor(ldn, dtype=u.dtype)
             # elementwise transforms return per-element terms; sum any left over event dims
             ld = ld.reshape(*u.shape[:-1], -1).sum(-1) if ld.dim() > u.dim() - 1 else ld
             out[s.name], logdet = x, logdet + ld

@@ -32,11 +32,18 @@ T_TORCH_MAX = 1e30
 
 def t_from_normal(w: np.ndarray, df: float) -> np.ndarray:
     """t = F_t^-1(Phi(w)), float64, both tails computed from their own side (no 1 - p cancellation).
-    For df = 2 (the continuity prior) in closed form, t = (p - q) / sqrt(2 p q) with p = Phi(w),
-    q = Phi(-w); otherwise scipy's quantile function."""
+    For df = 2 (the continuity prior) in closed form, t = sign(w) (1 - 2 q) / sqrt(2 q (1 - q)) with
+    q = Phi(-|w|), the tail beyond |w| (from its logarithm where q < 1e-300, |w| > 37: no subnormals);
+    otherwise scipy's quantile function."""
     if df == 2.0:
-        lp, lq = special.log_ndtr(w), special.log_ndtr(-w)
-        return (np.exp(lp) - np.exp(lq)) * np.exp(-0.5 * (lp + lq)) / math.sqrt(2.0)
+        w = np.asarray(w, np.float64)
+        q = special.ndtr(-np.abs(w))
+        qs = np.maximum(q, 1e-300)
+        t = np.sign(w) * (1.0 - 2.0 * qs) / np.sqrt(2.0 * qs * (1.0 - qs))
+        far = q < 1e-300
+        if np.any(far):  # t = sign(w) / sqrt(2 q) to float64 precision
+            t = np.where(far, np.sign(w) * np.exp(-0.5 * special.log_ndtr(-np.abs(w))) / math.sqrt(2.0), t)
+        return t
     return np.where(w < 0, stats.t.ppf(special.ndtr(w), df), stats.t.isf(special.ndtr(-w), df))
 
 
@@ -100,18 +107,9 @@ class Whitener:
         return np.clip(w, -W_MAX, W_MAX)
 
     def from_white(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Standard-normal coordinates -> (constrained values, log|dx/dw|)."""
-        w = np.clip(np.asarray(w, np.float64), -W_MAX, W_MAX)
-        log_phi = -0.5 * w**2 - 0.5 * np.log(2 * np.pi)
-        if self.kind == "uniform":
-            a, b = self.params
-            return a + (b - a) * special.ndtr(w), np.log(b - a) + log_phi
-        if self.kind == "normal":
-            mu, sd = self.params
-            return mu + sd * w, np.full_like(w, np.log(sd))
-        df, mu, sd = self.params
-        t = t_from_normal(w, df)
-        return mu + sd * t, log_phi - t_logpdf(t, df) + np.log(sd)
+        """Standard-normal coordinates -> (constrained values, log|dx/dw|), element-wise, float64."""
+        x, ld = WhitenedColumns([self]).from_white(np.asarray(w, np.float64)[..., None])
+        return x[..., 0], ld[..., 0]
 
     def from_white_torch(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """Standard-normal coordinates -> (constrained values, log|dx/dw|), in torch: differentiable in ``w``
@@ -126,6 +124,51 @@ class Whitener:
         df, mu, sd = self.params
         t = _StudentQuantile.apply(w, df)
         return mu + sd * t, log_phi - torch.distributions.StudentT(df).log_prob(t) + math.log(sd)
+
+
+class WhitenedColumns:
+    """Whiteners side by side, one per column of a flat vector: :meth:`Whitener.from_white` of every
+    column in one pass per kind of prior (a few numpy operations for a catalog's draws, not a few per site).
+
+    Arguments:
+        whiteners: The whitener of each column, in order.
+    """
+
+    def __init__(self, whiteners: list[Whitener]):
+        def columns(kind: str, df: float | None = None) -> tuple[np.ndarray, ...]:
+            cols = [i for i, wh in enumerate(whiteners) if wh.kind == kind and (df is None or wh.params[0] == df)]
+            n_params = 3 if kind == "studentt" else 2
+            params = np.array([whiteners[i].params for i in cols], np.float64).reshape(len(cols), n_params)
+            return (np.array(cols, np.intp), *params.T)
+
+        self.uniform = columns("uniform")  # columns, a, b
+        self.normal = columns("normal")  # columns, mu, sd
+        self.studentt = [columns("studentt", df) for df in sorted({wh.params[0] for wh in whiteners
+                                                                     if wh.kind == "studentt"})]  # columns, df, mu, sd
+
+    def from_white(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Standard-normal coordinates (..., K) -> (constrained values, log|dx/dw|), both (..., K), float64."""
+        # columns first (K, ...): each kind's columns are whole rows, its parameters broadcast along them
+        w = np.clip(np.moveaxis(np.asarray(w, np.float64), -1, 0), -W_MAX, W_MAX)
+        tail = (1,) * (w.ndim - 1)
+        log_phi = -0.5 * w**2 - 0.5 * np.log(2 * np.pi)
+        x, ld = np.empty_like(w), np.empty_like(w)
+        cols, a, b = self.uniform
+        if cols.size:
+            a, b = a.reshape(-1, *tail), b.reshape(-1, *tail)
+            x[cols] = a + (b - a) * special.ndtr(w[cols])
+            ld[cols] = np.log(b - a) + log_phi[cols]
+        cols, mu, sd = self.normal
+        if cols.size:
+            mu, sd = mu.reshape(-1, *tail), sd.reshape(-1, *tail)
+            x[cols] = mu + sd * w[cols]
+            ld[cols] = np.broadcast_to(np.log(sd), (cols.size, *w.shape[1:]))
+        for cols, df, mu, sd in self.studentt:
+            mu, sd = mu.reshape(-1, *tail), sd.reshape(-1, *tail)
+            t = t_from_normal(w[cols], float(df[0]))
+            x[cols] = mu + sd * t
+            ld[cols] = log_phi[cols] - t_logpdf(t, float(df[0])) + np.log(sd)
+        return np.moveaxis(x, 0, -1), np.moveaxis(ld, 0, -1)
 
 
 class StudentTQuantiles(torch.distributions.transforms.Transform):

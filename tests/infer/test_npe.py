@@ -14,6 +14,7 @@ import torch
 from scipy.stats import ks_2samp
 
 from sedppl.data import Observation
+from sedppl.infer import autoregressive
 from sedppl.infer.conditions import ObservingConditions
 from sedppl.infer.encoder import scale_free
 from sedppl.infer.npe import NeuralPosterior
@@ -80,6 +81,30 @@ def test_prior_whitening_in_torch(kind, params):
     assert torch.allclose(torch.log(dx), ld.detach().expand_as(dx), rtol=1e-8, atol=1e-8)
 
 
+def test_whitened_columns_at_once_equal_site_by_site():
+    """``to_constrained`` maps every whitened column in one pass (:class:`WhitenedColumns`); on a space that
+    mixes every kind of prior (two Student-t dfs), event shapes and a site without a whitener, it equals the
+    site-by-site torch map (float64: values 1e-10, log-Jacobians 1e-7, torch's lgamma against scipy's)."""
+    from pyro.distributions import constraints
+
+    from sedppl.infer.parameters import Site
+    from sedppl.infer.whitening import Whitener
+
+    sites = [Site("m", (), constraints.interval(7.0, 12.5), Whitener("uniform", (7.0, 12.5))),
+             Site("r", (3,), constraints.real, Whitener("studentt", (2.0, 0.0, 0.3))),
+             Site("free", (), constraints.positive),
+             Site("z", (2,), constraints.real, Whitener("normal", (0.0, 1.6))),
+             Site("s", (), constraints.real, Whitener("studentt", (5.0, 0.5, 1.0)))]
+    space = ParameterSpace(sites, whiten=True)
+    u = torch.randn(40, 3, space.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 1.5
+    values, logdet = space.to_constrained(u)
+    ref, ref_logdet = space.to_constrained(u, differentiable=True)  # site by site, in torch
+    for name in space.names:
+        assert values[name].shape == ref[name].shape == (40, 3, *dict((s.name, s.event_shape) for s in sites)[name])
+        torch.testing.assert_close(values[name], ref[name].detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(logdet, ref_logdet.detach(), atol=1e-7, rtol=0)
+
+
 def test_student_t_closed_forms_equal_scipy():
     """df = 2 (the continuity prior) in closed form: F_t^-1(Phi(w)) equal to scipy's quantiles to 1e-12
     relative for |w| <= 35 (both tails), its inverse to 1e-12, the log density to 1e-12."""
@@ -92,6 +117,15 @@ def test_student_t_closed_forms_equal_scipy():
     ref = np.where(w < 0, stats.t.ppf(special.ndtr(w), 2), stats.t.isf(special.ndtr(-w), 2))
     np.testing.assert_allclose(t, ref, rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(normal_from_t(t, 2.0), w, rtol=0, atol=1e-12)
+    # beyond |w| = 37, where Phi(-|w|) leaves float64's normal range: from logarithms. Check against
+    # the t distribution's tail, 1 / (s (s + t)) with s = sqrt(t^2 + 2), taken in logarithms
+    wf = np.array([-45.0, -38.0, 36.9, 37.1, 38.0, 45.0])
+    tf = t_from_normal(wf, 2.0)
+    assert np.all(np.isfinite(tf)) and np.all(np.sign(tf) == np.sign(wf))
+    a = np.abs(tf)
+    r = 2 / a / a  # 2 / t^2, without overflow
+    log_tail = -2 * np.log(a) - 0.5 * np.log1p(r) - np.log1p(np.sqrt(1 + r))
+    np.testing.assert_allclose(log_tail, special.log_ndtr(-np.abs(wf)), rtol=1e-12)
     tt = np.concatenate([-np.logspace(-6, 8, 50), [0.0], np.logspace(-6, 8, 50)])
     np.testing.assert_allclose(t_logpdf(tt, 2.0), stats.t.logpdf(tt, 2), rtol=1e-12, atol=1e-12)
 
@@ -210,12 +244,34 @@ def test_posterior_api(small_posterior, small_model):
     assert "sample_stats" not in quick.groups()
 
 
+def test_features_first_draws_have_the_flows_density(small_posterior, small_model, monkeypatch):
+    """The draws that ``torch.compile`` takes (base draws made features first and kept so through the
+    group-wise inverses), run eagerly here: the recorded log q equals the flow's density of the draws
+    (float32: 1e-3 nats), and the draws follow the default path's distribution."""
+    mock = make_mocks(small_model, 6, seed=5, redshift=0.1, snr_photometry=30)
+    with torch.no_grad():
+        ctx = small_posterior.context(small_posterior.inputs(mock.obs, warn=False))
+        torch.manual_seed(1)
+        ref = small_posterior._flow_draws(ctx, 1000, False)[0]
+        monkeypatch.setattr(autoregressive, "_parameter_major", lambda: True)
+        start = small_posterior._draws_features_first(ctx, 3, True)
+        assert start is not None and len(start[2]) < len(small_posterior.flow.transform.transforms)
+        torch.manual_seed(2)
+        x, lq = small_posterior._flow_draws(ctx, 1000, True)
+        assert x.shape == ref.shape == (1000, 6, 2) and lq.shape == (1000, 6)
+        torch.testing.assert_close(lq, small_posterior.flow(ctx).log_prob(x), atol=1e-3, rtol=0)
+    # every marginal (6 galaxies x 2) against the default path's draws: two-sample Kolmogorov-Smirnov
+    # statistic below its 1e-3 critical value, 1.95 sqrt(2 / 1000) = 0.087 (fixed seeds)
+    d = [ks_2samp(x[:, g, k].numpy(), ref[:, g, k].numpy()).statistic for g in range(6) for k in range(2)]
+    assert max(d) < 0.087, max(d)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs a C++ compiler")
-def test_compiled_draws_have_the_eager_density(small_posterior, small_model):
+def test_compiled_draws_have_the_eager_density(small_posterior, small_model, monkeypatch):
     """``compile()`` changes how the flow runs, not what it draws: the log q recorded by the compiled
     inverse passes equals the eager flow's density of the same draws (float32: 1e-3 nats), over a batch
     whose last flow call is padded (25 galaxies, 20 a call), and the draws follow the eager draws'
-    distribution."""
+    distribution; with the same seed, the compiled flow makes the eager features-first draws (1e-4)."""
     mock = make_mocks(small_model, 25, seed=5, redshift=0.1, snr_photometry=30)
     x = small_posterior.inputs(mock.obs, warn=False)
     eager = small_posterior.draw(x, 500, log_q=False)[0]
@@ -223,6 +279,14 @@ def test_compiled_draws_have_the_eager_density(small_posterior, small_model):
         torch.manual_seed(0)
         u, lq = small_posterior.compile().draw(x, 500)
         assert pickle.loads(pickle.dumps(small_posterior))._compiled is None  # a copy (a Dask worker) draws eagerly
+        with torch.no_grad():
+            ctx = small_posterior.context(x)[:20]  # the shape compiled above
+            torch.manual_seed(7)
+            compiled = small_posterior._compiled(ctx, 500, True)
+            monkeypatch.setattr(autoregressive, "_parameter_major", lambda: True)
+            torch.manual_seed(7)
+            same = small_posterior._flow_draws(ctx, 500, True)
+        torch.testing.assert_close(compiled, same, atol=1e-4, rtol=0)
     finally:
         small_posterior.compile(False)
     assert u.shape == eager.shape == (500, 25, 2) and lq.shape == (500, 25)
