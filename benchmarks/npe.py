@@ -60,14 +60,24 @@ def compiled_rows(post, one, mock, rows) -> None:
         t0 = time.perf_counter()
         post.sample(obs, 1000, derived=False, seed=0)
         print(f"compile ({label}, first call): {time.perf_counter() - t0:.1f} s")
-        t = timed(lambda: post.sample(obs, 1000, derived=False, seed=0), repeats=5 if n == 1 else 3) / n
+        # milliseconds a call: 40 repeats for one galaxy (the machine's load varies call to call), 5 for 100
+        ts = np.array(repeat_times(lambda: post.sample(obs, 1000, derived=False, seed=0), 40 if n == 1 else 5)) / n
+        t = float(np.median(ts))
         t_eager = next(r[2] for r in rows if r[0] == label and not r[1])
         with torch.no_grad():
             ctx = post.context(post.inputs(obs))[:min(n, 10)]
-            flow = timed(lambda: post._compiled(ctx, 1000, True)) / ctx.shape[0]
+            flow = timed(lambda: post._compiled(ctx, 1000, True), 40 if n == 1 else 5) / ctx.shape[0]
+        q1, q3 = np.quantile(ts, [0.25, 0.75]) * 1e3
         print(f"NPE {label:13s} 1000 draws, derived no , compiled: {t * 1e3:8.1f} ms per galaxy "
-              f"({t_eager / t:.2f}x the eager rows above); the flow alone {flow * 1e3:.1f} ms "
+              f"(IQR {q1:.1f}-{q3:.1f}; {t_eager / t:.2f}x the eager rows above); the flow alone {flow * 1e3:.1f} ms "
               f"(eager, same run: {eager_flow[label] * 1e3:.1f} ms, {eager_flow[label] / flow:.2f}x)")
+        if n == 1:  # where one galaxy's time goes: the call's three stages, 40 repeats each
+            x = post.inputs(obs)
+            u, lq = post.draw(x, 1000)
+            parts = {"inputs (checked)": lambda: post.inputs(obs), "draws": lambda: post.draw(x, 1000),
+                     "InferenceData": lambda: post.package(obs, x, u, lq, derived=False)}
+            print("NPE 1 galaxy      compiled, stages: " + ", ".join(
+                f"{k} {timed(f, 40) * 1e3:.2f} ms" for k, f in parts.items()))
     post.compile(False)
 
 

@@ -554,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "smc: default 1 for spectra, else 5120 / (draws x chains))")
     f.add_argument("--seed", type=int, default=0, help="seed of the draws")
     f.add_argument("--compile", action="store_true",
-                   help="npe: draw through a torch.compile-d flow (1-2 minutes to compile, then ~3x faster: "
+                   help="npe: draw through a torch.compile-d flow (1.5-2.5 minutes to compile, seconds once "
+                        "cached on disk; then 2-4x faster: "
                         "for catalogs; needs a C++ compiler)")
     f.add_argument("--workers", type=int, default=1,
                    help="npe: local worker processes for the chunks (a Dask LocalCluster; default 1: this process)")

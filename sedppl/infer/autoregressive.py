@@ -104,12 +104,12 @@ class GroupwiseAutoregressiveTransform(Transform):
         """
         m = self.module
         plan = _plan(m)
-        if _parameter_major():
-            nb = 0 if self.c is None else self.c.dim() - 1
-            ns = y.dim() - 1 - nb
-            solved = self.solve_features_first(y.permute(y.dim() - 1, *range(ns, ns + nb), *range(ns)))
-            if solved is not None:  # back to y's layout, as views
-                xt, ladj = solved
+        nb = 0 if self.c is None else self.c.dim() - 1
+        ns = y.dim() - 1 - nb  # y's sample dimensions (before the context's batch ones)
+        if _parameter_major() and ns >= 0:
+            done = self.solve_features_first(y.permute(y.dim() - 1, *range(ns, ns + nb), *range(ns)))
+            if done is not None:  # back to y's layout, as views
+                xt, ladj = done
                 return xt.permute(*range(1 + nb, 1 + nb + ns), *range(1, 1 + nb), 0), \
                     ladj.permute(*range(nb, nb + ns), *range(nb))
         acts = plan.activations

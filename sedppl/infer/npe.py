@@ -37,9 +37,9 @@ from torch import Tensor, nn
 
 from ..data import Observation
 from ..derived import DATA_SITES, derived_only, trace_quantities
+from . import autoregressive
 from .conditions import ObservingConditions
 from .encoder import DataEncoder, scale_free
-from . import autoregressive
 from .inference_data import inference_data
 from .parameters import ParameterSpace
 from .posterior_card import CARD_VERSION, PosteriorCard
@@ -300,8 +300,10 @@ class NeuralPosterior(nn.Module):
             in the model's own site names, and, with ``log_q``, the flow's log density of each draw
             (constrained space) as ``log_q`` in ``sample_stats``.
         """
-        if seed is not None:  # the draws are made on the CPU: its generator only (torch.manual_seed
-            torch.default_generator.manual_seed(seed)  # also queues the GPUs' seeding, ~0.2 ms a call)
+        if seed is not None:
+            # the draws are made on the CPU: its generator only (torch.manual_seed also queues the
+            # seeding of every GPU backend, ~0.2 ms a call)
+            torch.default_generator.manual_seed(seed)
         x = self.inputs(obs, warn=check)
         u, lq = self.draw(x, num_samples, log_q)
         return self.package(obs, x, u, lq, derived=derived, predictive=predictive, chunk=chunk)
@@ -395,8 +397,8 @@ class NeuralPosterior(nn.Module):
         """Draw through a ``torch.compile``-d flow (TorchInductor's fused C++ kernels) from now on.
 
         Each new shape (draws per galaxy, galaxies per flow call, ``log_q`` or not) is compiled at its
-        first call, which took 85-91 s on a 2-core CPU (2026-12-06; TorchInductor caches kernels on disk,
-        so later processes compile faster); after that, drawing is 2.7-3.2x faster than eager
+        first call, which took 97-153 s on a 2-core CPU (2026-12-06; TorchInductor caches the compiled
+        graphs on disk: 7-11 s in a later process); after that, ``sample`` was 2.1-5.1x faster than eager
         (``benchmarks/npe.py --compile`` measures the ratio). Worth it for catalogs and for many
         galaxies in one session, not for a single call. Needs a C++ compiler; for fixed weights only
         (compile after training or loading).
