@@ -17,7 +17,6 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-
 import pyro
 import torch
 from pyro import poutine
