@@ -5,7 +5,15 @@ aligning coordinates), several times the flow's own time for an amortized
 posterior of one galaxy. :func:`inference_data` builds the same object from
 xarray variables and indexes made directly; the integer coordinates (chain,
 draw, a variable's own dimensions) are made once per length and shared,
-read-only, between the objects it returns.
+read-only, between the objects it returns, and so are labelled coordinates
+(galaxy names) seen in one of the last 256 calls.
+
+Its datasets are assembled by xarray's ``Dataset._construct_direct``, which
+takes variables, indexes and sizes as given (``xr.Dataset(...)`` would merge
+and align them again: a call for 14 variables of (1, 1,000, 1) took 1.2 ms with it,
+0.3 ms without, on 2026-12-06). The checks
+that merge would make, one length per dimension and one label per coordinate
+value, are made here; an xarray without that constructor gets the public one.
 """
 
 from __future__ import annotations
@@ -17,14 +25,22 @@ import numpy as np
 
 
 @functools.lru_cache(maxsize=256)
-def _integer_coordinate(dim: str, n: int):
-    """The coordinate 0, 1, ..., n - 1 of dimension ``dim``: its variable (read-only) and its index."""
+def _coordinate(dim: str, labels: tuple | int):
+    """The coordinate of dimension ``dim``, its variable (read-only) and its index, with the given
+    labels, or 0, 1, ..., n - 1 for an int n."""
     import pandas as pd
     import xarray as xr
 
-    values = np.arange(n)
+    values = np.arange(labels) if isinstance(labels, int) else np.asarray(labels)
     values.setflags(write=False)
     return xr.Variable(dim, values), xr.indexes.PandasIndex(pd.Index(values), dim)
+
+
+def _direct_constructor():
+    """xarray's ``Dataset._construct_direct``, or None where this xarray has none."""
+    import xarray as xr
+
+    return getattr(xr.Dataset, "_construct_direct", None)
 
 
 def inference_data(groups: dict[str, dict[str, np.ndarray]], dims: dict[str, list[str]],
@@ -43,25 +59,37 @@ def inference_data(groups: dict[str, dict[str, np.ndarray]], dims: dict[str, lis
     import arviz as az
     import xarray as xr
 
-    import pandas as pd
-
     attrs = {"created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
              "arviz_version": az.__version__}
+    direct = _direct_constructor()
     out = {}
     for group, variables in groups.items():
         data, sizes = {}, {}
         for name, v in variables.items():
-            names = ["chain", "draw", *dims[name]]
+            v = np.asarray(v)
+            names = ("chain", "draw", *dims[name])
             if len(names) != v.ndim:
-                raise ValueError(f"{group}.{name}: {v.ndim} dimensions, named {names}")
-            data[name] = xr.Variable(names, v)
-            sizes.update(zip(names, v.shape))
+                raise ValueError(f"{group}.{name}: {v.ndim} dimensions, named {list(names)}")
+            for d, n in zip(names, v.shape):
+                if sizes.setdefault(d, n) != n:
+                    raise ValueError(f"{group}.{name}: dimension {d!r} has length {n}, "
+                                     f"{sizes[d]} in another variable")
+            # fastpath: a numeric ndarray needs none of xarray's conversions
+            data[name] = xr.Variable(names, v, fastpath=v.dtype.kind in "biuf")
         coord_vars, indexes = {}, {}
         for d, n in sizes.items():
             if d in coords:
-                labels = np.asarray(coords[d])
-                coord_vars[d], indexes[d] = xr.Variable(d, labels), xr.indexes.PandasIndex(pd.Index(labels), d)
+                labels = coords[d]
+                if len(labels) != n:
+                    raise ValueError(f"{group}: {len(labels)} labels for dimension {d!r} of length {n}")
+                try:
+                    coord_vars[d], indexes[d] = _coordinate(d, tuple(labels))
+                except TypeError:  # unhashable labels: made for this call
+                    coord_vars[d], indexes[d] = _coordinate.__wrapped__(d, labels)
             else:
-                coord_vars[d], indexes[d] = _integer_coordinate(d, n)
-        out[group] = xr.Dataset(data, coords=xr.Coordinates(coord_vars, indexes=indexes), attrs=dict(attrs))
+                coord_vars[d], indexes[d] = _coordinate(d, n)
+        if direct is not None:
+            out[group] = direct({**data, **coord_vars}, set(coord_vars), sizes, dict(attrs), indexes)
+        else:
+            out[group] = xr.Dataset(data, coords=xr.Coordinates(coord_vars, indexes=indexes), attrs=dict(attrs))
     return az.InferenceData(**out)

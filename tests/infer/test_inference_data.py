@@ -4,12 +4,17 @@ import arviz as az
 import numpy as np
 import pytest
 
+from sedppl.infer import inference_data as inference_data_module
 from sedppl.infer.inference_data import inference_data
 
 
-def test_inference_data_matches_arviz_from_dict():
+@pytest.mark.parametrize("direct", [True, False], ids=["construct_direct", "public_constructor"])
+def test_inference_data_matches_arviz_from_dict(direct, monkeypatch):
     """The InferenceData builder of NeuralPosterior.sample gives what az.from_dict gives: the same
-    groups, variables, dimensions, coordinates (given and default integer ranges) and values."""
+    groups, variables, dimensions, coordinates (given and default integer ranges) and values, both
+    through xarray's direct constructor and through the public one (an xarray without the former)."""
+    if not direct:
+        monkeypatch.setattr(inference_data_module, "_direct_constructor", lambda: None)
     rng = np.random.default_rng(0)
     groups = {"posterior": {"a": rng.normal(size=(1, 7, 3)), "b": rng.normal(size=(1, 7, 3, 4))},
               "sample_stats": {"log_q": rng.normal(size=(1, 7, 3))}}
@@ -26,3 +31,13 @@ def test_misnamed_dimensions_are_an_error():
     """A variable with more dimensions than named says which variable."""
     with pytest.raises(ValueError, match="posterior.a"):
         inference_data({"posterior": {"a": np.zeros((1, 5, 2, 3))}}, {"a": ["galaxy"]}, {})
+
+
+def test_inconsistent_lengths_are_an_error():
+    """What xarray's merge would catch is caught without it: a dimension with two lengths across
+    variables, and a coordinate with the wrong number of labels, each named."""
+    with pytest.raises(ValueError, match="dimension 'galaxy' has length 2, 3"):
+        inference_data({"posterior": {"a": np.zeros((1, 5, 3)), "b": np.zeros((1, 5, 2))}},
+                       {"a": ["galaxy"], "b": ["galaxy"]}, {})
+    with pytest.raises(ValueError, match="2 labels for dimension 'galaxy' of length 3"):
+        inference_data({"posterior": {"a": np.zeros((1, 5, 3))}}, {"a": ["galaxy"]}, {"galaxy": ["x", "y"]})
