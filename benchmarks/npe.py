@@ -1,7 +1,9 @@
 """Amortized posterior (NPE) time per galaxy against NUTS on the same galaxies, same run.
 
-Shipped photometry-only posterior (``PhotometryModel``, SDSS ugriz, z given).
-Galaxies: mocks from the model's prior at z = 0.1, S/N 30 per band. Reported:
+Shipped photometry-only posterior (``PhotometryModel``, SDSS ugriz, z given), or with
+``--model specphot`` the shipped DESI spectrum + photometry posterior (``SpecPhotModel``).
+Galaxies: mocks from the model's prior at z = 0.1, S/N 30 per band (and S/N 3 per
+spectral pixel). Reported:
 
 * NPE, 1,000 draws for 1 galaxy and for a batch of 100 (per galaxy), the flow
   alone without and with its log densities (``log_q``), and with the derived
@@ -18,7 +20,8 @@ Galaxies: mocks from the model's prior at z = 0.1, S/N 30 per band. Reported:
   on the first galaxy, one chain of ``--nuts-warmup`` + ``--nuts-draws``; its wall
   time and bulk ESS, and the ratio of NUTS wall time to NPE's for 1,000 draws.
 
-    python benchmarks/npe.py [--threads 2] [--nuts-warmup 100] [--nuts-draws 100] [--no-nuts] [--compile]
+    python benchmarks/npe.py [--model phot|specphot] [--threads 2] [--nuts-warmup 100] [--nuts-draws 100]
+                             [--no-nuts] [--compile]
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ def fused_spline_row(post, one, rounds: int = 60) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["phot", "specphot"], default="phot",
+                    help="the shipped posterior: SDSS ugriz photometry, or DESI spectrum + photometry")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nuts-warmup", type=int, default=100)
     ap.add_argument("--nuts-draws", type=int, default=100)
@@ -118,7 +123,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
-    post = load_shipped("phot")
+    post = load_shipped(args.model)
+    print(f"posterior: {args.model} ({post.card.model}, {post.space.dim} parameters)")
     model = post.model
     mock = make_mocks(model, 100, seed=12, redshift=0.1, snr_photometry=30)
     one = galaxy(mock, 0)

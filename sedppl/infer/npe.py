@@ -136,6 +136,7 @@ class NeuralPosterior(nn.Module):
             raise ValueError(f"the card's latent sites {card.sites} do not match the model's {found}")
         self.conditions = ObservingConditions(**card.conditions)
         self._compiled = None  # the torch.compile-d flow draws, once compile() was called
+        self._wave_array = None  # (card.wave, the same as an array): see _trained_wave
         self._derived_only_works = True  # False once the model failed inside sedppl.derived.derived_only
         self.encoder = DataEncoder(card.spectrum_bins, len(card.bands),
                                    tuple(card.redshift_range) if card.redshift_given else None, card.context,
@@ -172,7 +173,8 @@ class NeuralPosterior(nn.Module):
         if c.wave:
             if not obs.has_spectrum:
                 raise ValueError(f"the {c.model} posterior needs a spectrum")
-            if obs.wave.shape[0] != len(c.wave) or not np.allclose(obs.wave.numpy(), c.wave, atol=1e-3):
+            if obs.wave.shape[0] != len(c.wave) or not np.allclose(obs.wave.numpy(), self._trained_wave(),
+                                                                   atol=1e-3):
                 raise ValueError(f"the spectrum's wavelength grid ({obs.wave.shape[0]} pixels, "
                                  f"{obs.wave[0]:.1f}-{obs.wave[-1]:.1f} A) is not the one this posterior was "
                                  f"trained on ({len(c.wave)} pixels, {c.wave[0]:.1f}-{c.wave[-1]:.1f} A); "
@@ -205,6 +207,13 @@ class NeuralPosterior(nn.Module):
         if warn:
             self.check_distribution(x)
         return x
+
+    def _trained_wave(self) -> np.ndarray:
+        """The card's wavelength grid (Angstrom, observed frame) as an array, made once per grid (from the
+        card's list: ~0.4 ms for 7,781 pixels, a tenth of the compiled draws of one galaxy)."""
+        if self._wave_array is None or self._wave_array[0] is not self.card.wave:
+            self._wave_array = (self.card.wave, np.asarray(self.card.wave, dtype=np.float64))
+        return self._wave_array[1]
 
     def ood_reasons(self, x: dict[str, Tensor | None]) -> tuple[np.ndarray, list[str]]:
         """Per-galaxy flags (N,) of inputs outside the training distribution, and the reasons.

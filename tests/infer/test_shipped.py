@@ -48,3 +48,23 @@ def test_shipped_posterior_recovers_mock_masses():
     truth = mock.truth["log_stellar_mass"].numpy()
     assert abs(np.mean((lo <= truth) & (truth <= hi)) - 0.68) < 0.2
     assert np.median(hi - lo) / 2 < 0.35
+
+
+def test_spectrum_posterior_checks_the_wavelength_grid_every_call():
+    """The DESI posterior compares an observation's wavelengths with its card's grid (kept as an array
+    after the first call): a grid shifted by 0.5 A, beyond the tolerance (1e-3 A + 1e-5 of the wavelength),
+    raises every time, before and after a call on the right grid, and a shift of 5e-4 A passes."""
+    import dataclasses
+
+    from sedppl.mocks import galaxy
+
+    post = load_shipped("specphot")
+    obs = galaxy(make_mocks(post.model, 1, seed=3, redshift=0.1), 0).obs
+    shifted = dataclasses.replace(obs, wave=obs.wave + 0.5)
+    for o in (shifted, obs, shifted):
+        if o is obs:
+            assert post.inputs(o, warn=False)["spectrum"].shape == (1, len(post.card.wave) // post.card.bin_factor)
+            assert post.inputs(dataclasses.replace(obs, wave=obs.wave + 5e-4), warn=False) is not None
+        else:
+            with pytest.raises(ValueError, match="not the one this posterior was trained on"):
+                post.inputs(o, warn=False)
