@@ -3,17 +3,18 @@
 ``az.from_dict`` spends ~6 ms on a handful of (1, 1,000, 1) arrays (most of it
 aligning coordinates), several times the flow's own time for an amortized
 posterior of one galaxy. :func:`inference_data` builds the same object from
-xarray variables and indexes made directly; the integer coordinates (chain,
-draw, a variable's own dimensions) are made once per length and shared,
-read-only, between the objects it returns, and so are labelled coordinates
-(galaxy names) seen in one of the last 256 calls.
+xarray variables and indexes made directly. The values and indexes of the
+coordinates (chain, draw, a variable's own dimensions, galaxy names) are made
+once per length or set of labels (256 kept) and shared, read-only, between the
+objects it returns; each object has coordinate variables of its own, so their
+attributes can be changed.
 
 Its datasets are assembled by xarray's ``Dataset._construct_direct``, which
 takes variables, indexes and sizes as given (``xr.Dataset(...)`` would merge
-and align them again: a call for 14 variables of (1, 1,000, 1) took 1.2 ms with it,
-0.3 ms without, on 2026-12-06). The checks
-that merge would make, one length per dimension and one label per coordinate
-value, are made here; an xarray without that constructor gets the public one.
+and align them again: a call for 14 variables of (1, 1,000, 1) took 1.2 ms
+with it, 0.3 ms without, on 2026-12-06). The checks that merge would make, one
+length per dimension and one label per coordinate value, are made here; an
+xarray without that constructor gets the public one.
 """
 
 from __future__ import annotations
@@ -25,15 +26,27 @@ import numpy as np
 
 
 @functools.lru_cache(maxsize=256)
-def _coordinate(dim: str, labels: tuple | int):
-    """The coordinate of dimension ``dim``, its variable (read-only) and its index, with the given
-    labels, or 0, 1, ..., n - 1 for an int n."""
+def _coordinate_values(dim: str, labels: tuple | int):
+    """The values (read-only) and the index of dimension ``dim``'s coordinate with the given labels, or
+    0, 1, ..., n - 1 for an int n."""
     import pandas as pd
     import xarray as xr
 
     values = np.arange(labels) if isinstance(labels, int) else np.asarray(labels)
     values.setflags(write=False)
-    return xr.Variable(dim, values), xr.indexes.PandasIndex(pd.Index(values), dim)
+    return values, xr.indexes.PandasIndex(pd.Index(values), dim)
+
+
+def _coordinate(dim: str, labels: tuple | list | int):
+    """The coordinate of dimension ``dim``: a variable of its own (its attributes are the caller's to
+    change) over the shared read-only values, and the shared index."""
+    import xarray as xr
+
+    try:
+        values, index = _coordinate_values(dim, labels if isinstance(labels, int) else tuple(labels))
+    except TypeError:  # unhashable labels: made for this call
+        values, index = _coordinate_values.__wrapped__(dim, labels)
+    return xr.Variable(dim, values, fastpath=True), index
 
 
 def _direct_constructor():
@@ -82,10 +95,7 @@ def inference_data(groups: dict[str, dict[str, np.ndarray]], dims: dict[str, lis
                 labels = coords[d]
                 if len(labels) != n:
                     raise ValueError(f"{group}: {len(labels)} labels for dimension {d!r} of length {n}")
-                try:
-                    coord_vars[d], indexes[d] = _coordinate(d, tuple(labels))
-                except TypeError:  # unhashable labels: made for this call
-                    coord_vars[d], indexes[d] = _coordinate.__wrapped__(d, labels)
+                coord_vars[d], indexes[d] = _coordinate(d, labels)
             else:
                 coord_vars[d], indexes[d] = _coordinate(d, n)
         if direct is not None:

@@ -41,3 +41,20 @@ def test_inconsistent_lengths_are_an_error():
                        {"a": ["galaxy"], "b": ["galaxy"]}, {})
     with pytest.raises(ValueError, match="2 labels for dimension 'galaxy' of length 3"):
         inference_data({"posterior": {"a": np.zeros((1, 5, 3))}}, {"a": ["galaxy"]}, {"galaxy": ["x", "y"]})
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["construct_direct", "public_constructor"])
+def test_results_share_no_mutable_coordinates(direct, monkeypatch):
+    """The coordinate values are shared between results (read-only), their variables are not: attributes
+    set on one result's coordinates do not appear in the next result with the same coordinates."""
+    if not direct:
+        monkeypatch.setattr(inference_data_module, "_direct_constructor", lambda: None)
+    groups, dims, coords = {"posterior": {"a": np.zeros((1, 5, 2))}}, {"a": ["galaxy"]}, {"galaxy": ["x", "y"]}
+    first = inference_data(groups, dims, coords)
+    for d in ("chain", "draw", "galaxy"):
+        first.posterior[d].attrs["note"] = "changed"
+    again = inference_data(groups, dims, coords)
+    assert all(again.posterior[d].attrs == {} for d in ("chain", "draw", "galaxy"))
+    assert list(again.posterior["galaxy"].values) == ["x", "y"]
+    with pytest.raises(ValueError, match="read-only"):
+        again.posterior["draw"].values[0] = 7
