@@ -11,8 +11,8 @@ attributes can be changed.
 
 Its datasets are assembled by xarray's ``Dataset._construct_direct``, which
 takes variables, indexes and sizes as given (``xr.Dataset(...)`` would merge
-and align them again: a call for 14 variables of (1, 1,000, 1) took 1.2 ms
-with it, 0.3 ms without, on 2026-12-06). The checks that merge would make, one
+and align them again: for 14 variables of (1, 1,000, 1) a call took 1.52 ms
+that way and 0.145 ms this way, interleaved in one process on 2026-12-06). The checks that merge would make, one
 length per dimension and one label per coordinate value, are made here; an
 xarray without that constructor gets the public one.
 """
