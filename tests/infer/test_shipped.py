@@ -61,10 +61,9 @@ def test_spectrum_posterior_checks_the_wavelength_grid_every_call():
     post = load_shipped("specphot")
     obs = galaxy(make_mocks(post.model, 1, seed=3, redshift=0.1), 0).obs
     shifted = dataclasses.replace(obs, wave=obs.wave + 0.5)
-    for o in (shifted, obs, shifted):
-        if o is obs:
-            assert post.inputs(o, warn=False)["spectrum"].shape == (1, len(post.card.wave) // post.card.bin_factor)
-            assert post.inputs(dataclasses.replace(obs, wave=obs.wave + 5e-4), warn=False) is not None
-        else:
-            with pytest.raises(ValueError, match="not the one this posterior was trained on"):
-                post.inputs(o, warn=False)
+    with pytest.raises(ValueError, match="not the one this posterior was trained on"):
+        post.inputs(shifted, warn=False)
+    assert post.inputs(obs, warn=False)["spectrum"].shape == (1, len(post.card.wave) // post.card.bin_factor)
+    assert post.inputs(dataclasses.replace(obs, wave=obs.wave + 5e-4), warn=False) is not None
+    with pytest.raises(ValueError, match="not the one this posterior was trained on"):
+        post.inputs(shifted, warn=False)
