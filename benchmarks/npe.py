@@ -16,6 +16,8 @@ spectral pixel). Reported:
   :mod:`sedppl.infer.autoregressive`);
 * the flow alone for one galaxy with the spline inverse straight from its
   parameters (the default) against a spline transform per group, interleaved;
+* with ``--compile``: ``sample`` and the encoder with the flow (inputs -> draws, log q) through
+  ``NeuralPosterior.compile()``, against the eager figures of the same run;
 * NUTS (``run_nuts``: MAP start, Laplace-preconditioned dense mass, TorchScript)
   on the first galaxy, one chain of ``--nuts-warmup`` + ``--nuts-draws``; its wall
   time and bulk ESS, and the ratio of NUTS wall time to NPE's for 1,000 draws.
@@ -50,14 +52,20 @@ def timed(fn, repeats: int = 5) -> float:
     return float(np.median(repeat_times(fn, repeats)))
 
 
+def first_rows(x: dict, n: int) -> dict:
+    """The first n galaxies of network inputs (``NeuralPosterior.inputs``)."""
+    return {k: None if v is None else v[:n] for k, v in x.items()}
+
+
 def compiled_rows(post, one, mock, rows) -> None:
-    """``sample`` (no derived quantities) and the flow alone through ``post.compile()``, against the eager
-    figures of the same run; the compile time of each new shape is printed as it happens."""
+    """``sample`` (no derived quantities) and the encoder with the flow (network inputs -> draws with log q,
+    what ``post.compile()`` compiles) against the eager figures of the same run; the compile time of each
+    new shape is printed as it happens."""
     eager_flow = {}
     with torch.no_grad():
         for label, obs, n in (("1 galaxy", one.obs, 1), ("batch of 100", mock.obs, 100)):
-            ctx = post.context(post.inputs(obs))[:min(n, 10)]
-            eager_flow[label] = timed(lambda: post._flow_draws(ctx, 1000, True)) / ctx.shape[0]
+            x = first_rows(post.inputs(obs), min(n, 10))
+            eager_flow[label] = timed(lambda: post._context_draws(x, 1000, True)) / min(n, 10)
     post.compile()
     for label, obs, n in (("1 galaxy", one.obs, 1), ("batch of 100", mock.obs, 100)):
         t0 = time.perf_counter()
@@ -68,11 +76,11 @@ def compiled_rows(post, one, mock, rows) -> None:
         t = float(np.median(ts))
         t_eager = next(r[2] for r in rows if r[0] == label and not r[1])
         with torch.no_grad():
-            ctx = post.context(post.inputs(obs))[:min(n, 10)]
-            flow = timed(lambda: post._compiled(ctx, 1000, True), 40 if n == 1 else 5) / ctx.shape[0]
+            x = first_rows(post.inputs(obs), min(n, 10))
+            flow = timed(lambda: post._compiled(x, 1000, True), 40 if n == 1 else 5) / min(n, 10)
         q1, q3 = np.quantile(ts, [0.25, 0.75]) * 1e3
         print(f"NPE {label:13s} 1000 draws, derived no , compiled: {t * 1e3:8.1f} ms per galaxy "
-              f"(IQR {q1:.1f}-{q3:.1f}; {t_eager / t:.2f}x the eager rows above); the flow alone {flow * 1e3:.1f} ms "
+              f"(IQR {q1:.1f}-{q3:.1f}; {t_eager / t:.2f}x the eager rows above); encoder and flow {flow * 1e3:.1f} ms "
               f"(eager, same run: {eager_flow[label] * 1e3:.1f} ms, {eager_flow[label] / flow:.2f}x)")
         if n == 1:  # where one galaxy's time goes: the call's three stages, 40 repeats each
             x = post.inputs(obs)

@@ -120,7 +120,8 @@ class Cosmology(torch.nn.Module):
         z = torch.as_tensor(z)
         dtype = z.dtype if z.is_floating_point() else torch.get_default_dtype()
         z = z.to(dtype)
-        self._check(z)
+        if not torch.compiler.is_compiling():  # compiled callers check first (a branch would split the graph)
+            self._check(z)
         return hermite(z.double(), self.tab_z, y, dy).to(dtype)
 
     def luminosity_distance(self, z: Tensor) -> Tensor:

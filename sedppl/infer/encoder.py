@@ -23,6 +23,39 @@ import torch
 from torch import Tensor, nn
 
 
+def amplitude(flux: Tensor, ivar: Tensor, allow_empty: bool = False) -> Tensor:
+    """Per-galaxy flux scale s (N,) of fluxes with inverse variance (the unit of the fluxes).
+
+    s is the plain mean of the valid values (the inverse-variance weighted mean where that is not
+    positive), floored at twice its standard error and at 1e-30; 1 for a galaxy with no valid value.
+
+    Arguments:
+        flux: (N, L) any flux unit; values where ivar = 0 are ignored.
+        ivar: (N, L) inverse variance, 0 = masked or missing.
+        allow_empty: Accept galaxies with no valid value; otherwise they raise ``ValueError``
+            (not checked inside ``torch.compile``: there the caller checks first).
+
+    Returns:
+        s (N,).
+    """
+    valid = ivar > 0
+    f = torch.where(valid, flux, torch.zeros_like(flux))
+    wsum = ivar.sum(-1)
+    empty = wsum <= 0
+    # inside torch.compile the caller has checked (NeuralPosterior.inputs): a data-dependent branch would
+    # split the compiled graph
+    if not allow_empty and not torch.compiler.is_compiling() and torch.any(empty):
+        raise ValueError("a galaxy has no valid pixels or bands (all ivar = 0)")
+    wsum = torch.where(empty, torch.ones_like(wsum), wsum)
+    mean = (f * ivar).sum(-1) / wsum
+    # plain mean (not ivar-weighted) of the valid values, floored by its standard error
+    n_valid = valid.sum(-1).clamp(min=1)
+    plain = f.sum(-1) / n_valid
+    err = torch.sqrt(torch.where(valid, 1 / ivar.clamp(min=1e-30), torch.zeros_like(ivar)).sum(-1)) / n_valid
+    s = torch.maximum(torch.where(plain > 0, plain, mean), 2 * err).clamp(min=1e-30)
+    return torch.where(empty, torch.ones_like(s), s)
+
+
 def scale_free(flux: Tensor, ivar: Tensor, allow_empty: bool = False) -> tuple[Tensor, Tensor]:
     """Per-galaxy channels (N, 3, L) and log10 scale (N,) of fluxes with inverse variance.
 
@@ -34,22 +67,11 @@ def scale_free(flux: Tensor, ivar: Tensor, allow_empty: bool = False) -> tuple[T
 
     Returns:
         (channels, log10 scale): channels are flux / s, log(s sqrt(ivar)) and the
-        validity flag, zero where invalid.
+        validity flag, zero where invalid; s from :func:`amplitude`.
     """
+    s = amplitude(flux, ivar, allow_empty)
     valid = ivar > 0
     f = torch.where(valid, flux, torch.zeros_like(flux))
-    wsum = ivar.sum(-1)
-    empty = wsum <= 0
-    if torch.any(empty) and not allow_empty:
-        raise ValueError("a galaxy has no valid pixels or bands (all ivar = 0)")
-    wsum = torch.where(empty, torch.ones_like(wsum), wsum)
-    mean = (f * ivar).sum(-1) / wsum
-    # plain mean (not ivar-weighted) of the valid values, floored by its standard error
-    n_valid = valid.sum(-1).clamp(min=1)
-    plain = f.sum(-1) / n_valid
-    err = torch.sqrt(torch.where(valid, 1 / ivar.clamp(min=1e-30), torch.zeros_like(ivar)).sum(-1)) / n_valid
-    s = torch.maximum(torch.where(plain > 0, plain, mean), 2 * err).clamp(min=1e-30)
-    s = torch.where(empty, torch.ones_like(s), s)
     scaled = (f / s[:, None]).clamp(-50, 50)
     snr = torch.where(valid, torch.log(s[:, None] * torch.sqrt(ivar.clamp(min=1e-30))).clamp(-10, 15),
                       torch.zeros_like(ivar))

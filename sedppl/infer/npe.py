@@ -39,7 +39,7 @@ from ..data import Observation
 from ..derived import DATA_SITES, derived_only, trace_quantities
 from . import autoregressive
 from .conditions import ObservingConditions
-from .encoder import DataEncoder, scale_free
+from .encoder import DataEncoder, amplitude, scale_free
 from .inference_data import inference_data
 from .parameters import ParameterSpace
 from .posterior_card import CARD_VERSION, PosteriorCard
@@ -68,6 +68,13 @@ class ConditionalAffine(zuko.lazy.LazyTransform):
         shift, scale = self.net(c).chunk(2, dim=-1)
         return torch.distributions.transforms.IndependentTransform(
             zuko.transforms.MonotonicAffineTransform(shift, scale), 1)
+
+
+def _rows(data: Tensor | dict[str, Tensor | None], index: slice | Tensor) -> Tensor | dict[str, Tensor | None]:
+    """The galaxies ``index`` (first dimension) of contexts (N, C) or of network inputs {name: (N, ...) or None}."""
+    if isinstance(data, Tensor):
+        return data[index]
+    return {k: None if v is None else v[index] for k, v in data.items()}
 
 
 def interleaved_order(features: int, odd_first: bool = False) -> Tensor:
@@ -201,9 +208,15 @@ class NeuralPosterior(nn.Module):
                 raise ValueError("this posterior is conditioned on a known redshift; the observation has none")
             z = obs.redshift.reshape(-1).expand(n)
             lo, hi = c.redshift_range
-            if torch.any((z < lo) | (z > hi)):
+            if not torch.all((z >= lo) & (z <= hi)):  # NaN fails too
                 raise ValueError(f"redshift {z.tolist()} outside the posterior's range [{lo}, {hi}]")
             x["redshift"] = z.float()
+        # checked here, not in the encoder: the compiled draws (compile()) skip the encoder's checks
+        empty = [k for k in ("spectrum", "photometry") if x[k] is not None and (k == "spectrum" or not c.wave)
+                 and bool((x[f"{k}_ivar"] <= 0).all(-1).any())]
+        if empty:
+            raise ValueError(f"a galaxy has no valid {'pixels' if empty[0] == 'spectrum' else 'bands'} "
+                             "(all ivar = 0)")
         if warn:
             self.check_distribution(x)
         return x
@@ -227,15 +240,15 @@ class NeuralPosterior(nn.Module):
         n = next(v for v in x.values() if v is not None).shape[0]
         flags = torch.zeros(n, dtype=torch.bool)
         if x["spectrum"] is not None:
-            ok = x["spectrum_ivar"] > 0
             snr = (x["spectrum"].abs() * torch.sqrt(x["spectrum_ivar"]) / np.sqrt(c.bin_factor))
-            med = torch.stack([s[o].median() for s, o in zip(snr, ok)])
+            # over the valid bins (lower median of an even count, as Tensor.median)
+            med = torch.nanmedian(torch.where(x["spectrum_ivar"] > 0, snr, torch.nan), -1).values
             lo, hi = cond.snr_spectrum
             bad = (med < 0.5 * lo) | (med > 2 * hi)
             if bad.any():
                 why.append(f"median S/N per pixel {[round(v, 2) for v in med[bad].tolist()]} outside the "
                            f"training range {lo}-{hi}")
-            ls = scale_free(x["spectrum"], x["spectrum_ivar"])[1]
+            ls = torch.log10(amplitude(x["spectrum"], x["spectrum_ivar"]))
             amp = (ls < self.log_scale_range[0, 0]) | (ls > self.log_scale_range[1, 0])
             if amp.any():
                 why.append("spectrum amplitude outside the range of the training simulations")
@@ -334,15 +347,16 @@ class NeuralPosterior(nn.Module):
         step = min(n_gal, step or max(1, 10_000 // num_samples))  # larger calls run slower per draw
         zs, lqs = [], []
         with torch.no_grad():
-            ctx = self.context(x)
+            # eager: the contexts of all galaxies at once; compiled: encoder and flow in one graph per call
+            data = self.context(x) if self._compiled is None else x
             for i in range(0, n_gal, step):
-                # the whole context when one call takes it: a compiled call on a slice (a view) of it
+                # all the inputs when one call takes them: a compiled call on a slice (a view) of them
                 # took 0.2-0.4 ms longer (2026-12-06)
-                c = ctx if step >= n_gal else ctx[i:i + step]
-                if self._compiled is not None and c.shape[0] < step:
+                d = data if step >= n_gal else _rows(data, slice(i, i + step))
+                if self._compiled is not None and i + step > n_gal:
                     # the last, partial chunk padded to the full one: one compiled shape, no recompile
-                    c = torch.cat([c, c[-1:].expand(step - c.shape[0], -1)])
-                z_i, lq_i = (self._compiled or self._flow_draws)(c, num_samples, log_q)
+                    d = _rows(d, torch.arange(step).clamp(max=n_gal - i - 1))
+                z_i, lq_i = (self._compiled or self._flow_draws)(d, num_samples, log_q)
                 n_i = min(step, n_gal - i)  # the padding's draws dropped
                 zs.append(z_i[:, :n_i])
                 if log_q:
@@ -373,6 +387,12 @@ class NeuralPosterior(nn.Module):
             else:
                 x = t(ctx).inv(x)
         return x, (None if not log_q else log_base if ladj is None else log_base - ladj)
+
+    def _context_draws(self, x: dict[str, Tensor | None], num_samples: int,
+                       log_q: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`_flow_draws` from network inputs x (checked by :meth:`inputs`) rather than contexts: what
+        :meth:`compile` compiles, so that the encoder's many small operations run fused in the same graph."""
+        return self._flow_draws(self.context(x), num_samples, log_q)
 
     def _draws_features_first(self, ctx: Tensor, num_samples: int, log_q: bool):
         """The start of :meth:`_flow_draws` with the base draws made features first, (D, N, S), and kept
@@ -405,7 +425,8 @@ class NeuralPosterior(nn.Module):
         return xt.permute(2, 1, 0), (lq.T if log_q else None), rest
 
     def compile(self, enable: bool = True) -> "NeuralPosterior":
-        """Draw through a ``torch.compile``-d flow (TorchInductor's fused C++ kernels) from now on.
+        """Draw through a ``torch.compile``-d encoder and flow, one graph (TorchInductor's fused C++ kernels),
+        from now on.
 
         Each new shape (draws per galaxy, galaxies per flow call, ``log_q`` or not) is compiled at its
         first call, which took 97-153 s on a 2-core CPU (2026-12-06; TorchInductor caches the compiled
@@ -428,7 +449,7 @@ class NeuralPosterior(nn.Module):
         # fallback_random: the base draws by torch's own generator (TorchInductor's per-element generator
         # took ~0.6 ms for 13,000 draws, a tenth of the compiled flow for one galaxy); cpp_wrapper: the
         # compiled graph called from C++, not from Python (its ~230 buffers a call: ~0.5 ms less a call)
-        self._compiled = torch.compile(self._flow_draws, dynamic=False,
+        self._compiled = torch.compile(self._context_draws, dynamic=False,
                                        options={"fallback_random": True, "cpp_wrapper": True})
         return self
 

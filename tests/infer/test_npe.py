@@ -16,7 +16,6 @@ from scipy.stats import ks_2samp
 from sedppl.data import Observation
 from sedppl.infer import autoregressive
 from sedppl.infer.conditions import ObservingConditions
-from sedppl.infer.encoder import scale_free
 from sedppl.infer.npe import NeuralPosterior
 from sedppl.infer.npe_calibration import calibrate, fit_base_scale
 from sedppl.infer.parameters import ParameterSpace
@@ -171,19 +170,6 @@ def test_conditions_noise_is_the_models_noise():
     assert 0.5 * cond.snr_spectrum[0] < float(snr_pix.min()) and float(snr_pix.max()) < 2 * cond.snr_spectrum[1]
 
 
-def test_scale_free_inputs():
-    gen = torch.Generator().manual_seed(2)
-    f = 1 + torch.rand(3, 100, generator=gen)
-    iv = 100 * torch.ones(3, 100)
-    iv[0, :10] = 0
-    ch, ls = scale_free(f, iv)
-    ch2, ls2 = scale_free(1e3 * f, iv / 1e6)
-    assert torch.allclose(ch, ch2, atol=1e-5) and torch.allclose(ls2 - ls, torch.full((3,), 3.0), atol=1e-5)
-    assert torch.all(ch[0, :, :10] == 0)
-    with pytest.raises(ValueError, match="no valid"):
-        scale_free(f, torch.zeros_like(f))
-
-
 def test_posterior_is_calibrated_and_informative(small_posterior):
     """Coverage on 400 held-out simulations within 0.1 of nominal at every level 0.05-0.95 (3 binomial
     sd at 400 sims is <= 0.075, plus a small allowance for two minutes of training; measured 0.035 on
@@ -268,10 +254,10 @@ def test_features_first_draws_have_the_flows_density(small_posterior, small_mode
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_draws_have_the_eager_density(small_posterior, small_model, monkeypatch):
-    """``compile()`` changes how the flow runs, not what it draws: the log q recorded by the compiled
-    inverse passes equals the eager flow's density of the same draws (float32: 1e-3 nats), over a batch
-    whose last flow call is padded (25 galaxies, 20 a call), and the draws follow the eager draws'
-    distribution; with the same seed, the compiled flow makes the eager features-first draws (1e-4)."""
+    """``compile()`` changes how the encoder and flow run, not what they draw: the log q recorded by the
+    compiled inverse passes equals the eager flow's density of the same draws (float32: 1e-3 nats), over a
+    batch whose last call is padded (25 galaxies, 20 a call), and the draws follow the eager draws'
+    distribution; with the same seed, the compiled encoder and flow make the eager features-first draws (1e-4)."""
     mock = make_mocks(small_model, 25, seed=5, redshift=0.1, snr_photometry=30)
     x = small_posterior.inputs(mock.obs, warn=False)
     eager = small_posterior.draw(x, 500, log_q=False)[0]
@@ -280,12 +266,12 @@ def test_compiled_draws_have_the_eager_density(small_posterior, small_model, mon
         u, lq = small_posterior.compile().draw(x, 500)
         assert pickle.loads(pickle.dumps(small_posterior))._compiled is None  # a copy (a Dask worker) draws eagerly
         with torch.no_grad():
-            ctx = small_posterior.context(x)[:20]  # the shape compiled above
+            x20 = {k: None if v is None else v[:20] for k, v in x.items()}  # the shape compiled above
             torch.manual_seed(7)
-            compiled = small_posterior._compiled(ctx, 500, True)
+            compiled = small_posterior._compiled(x20, 500, True)  # encoder and flow in one graph
             monkeypatch.setattr(autoregressive, "_parameter_major", lambda: True)
             torch.manual_seed(7)
-            same = small_posterior._flow_draws(ctx, 500, True)
+            same = small_posterior._flow_draws(small_posterior.context(x20), 500, True)
         torch.testing.assert_close(compiled, same, atol=1e-4, rtol=0)
     finally:
         small_posterior.compile(False)
@@ -320,6 +306,13 @@ def test_save_load_and_errors(small_posterior, small_model, tmp_path):
     with pytest.raises(ValueError, match="bands"):
         small_posterior.sample(Observation(redshift=0.1, bands=BANDS[::-1], band_flux=mock.obs.band_flux[0],
                                      band_ivar=mock.obs.band_ivar[0]), 10)
+    # no valid band: named by the input checks, with or without the distribution check (the compiled
+    # encoder does not check)
+    blank = Observation(redshift=0.1, bands=BANDS, band_flux=mock.obs.band_flux, band_ivar=mock.obs.band_ivar.clone())
+    blank.band_ivar[1] = 0
+    for check in (True, False):
+        with pytest.raises(ValueError, match="no valid bands"):
+            small_posterior.sample(blank, 10, check=check)
 
 
 def test_interleaved_transforms_added_in_a_warm_start(small_posterior, small_model, tmp_path):

@@ -67,3 +67,22 @@ def test_spectrum_posterior_checks_the_wavelength_grid_every_call():
     assert post.inputs(dataclasses.replace(obs, wave=obs.wave + 5e-4), warn=False) is not None
     with pytest.raises(ValueError, match="not the one this posterior was trained on"):
         post.inputs(shifted, warn=False)
+
+
+def test_spectrum_posterior_flags_the_spectral_snr_outside_its_training():
+    """The DESI posterior's distribution check takes the median S/N per pixel over the valid bins only:
+    a mock at S/N 3 per pixel passes with or without 60% of its pixels masked (ivar = 0; a median over
+    all bins would be 0 and flag it), and one at S/N 10,000 (beyond twice the trained highest) is flagged."""
+    from sedppl.mocks import galaxy
+
+    post = load_shipped("specphot")
+    lo, hi = post.conditions.snr_spectrum
+    assert 2 * hi < 1e4
+    ordinary = galaxy(make_mocks(post.model, 1, seed=3, redshift=0.1, snr_spectrum=3.0), 0).obs
+    loud = galaxy(make_mocks(post.model, 1, seed=3, redshift=0.1, snr_spectrum=1e4), 0).obs
+    x = post.inputs(ordinary, warn=False)
+    masked = dict(x, spectrum_ivar=x["spectrum_ivar"].clone())
+    masked["spectrum_ivar"][:, : int(0.6 * masked["spectrum_ivar"].shape[1])] = 0
+    for inputs, flagged in ((x, False), (masked, False), (post.inputs(loud, warn=False), True)):
+        flags, why = post.ood_reasons(inputs)
+        assert flags.tolist() == [flagged] and any("median S/N per pixel" in w for w in why) == flagged, why
