@@ -107,7 +107,7 @@ class PosteriorEnsemble(nn.Module):
         return [num_samples // k + (i < num_samples % k) for i in range(k)]
 
     def compile(self, enable: bool = True) -> "PosteriorEnsemble":
-        """Draw through each member's ``torch.compile``-d flow (:meth:`sedppl.infer.npe.NeuralPosterior.compile`);
+        """Draw through each member's ``torch.compile``-d encoder and flow (:meth:`sedppl.infer.npe.NeuralPosterior.compile`);
         the mixture's densities stay eager. Returns the ensemble itself."""
         for m in self.members:
             m.compile(enable)

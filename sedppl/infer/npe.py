@@ -429,8 +429,8 @@ class NeuralPosterior(nn.Module):
         from now on.
 
         Each new shape (draws per galaxy, galaxies per flow call, ``log_q`` or not) is compiled at its
-        first call, which took 97-153 s on a 2-core CPU (2026-12-06; TorchInductor caches the compiled
-        graphs on disk: 7-11 s in a later process); after that, ``sample`` was 2.1-7.6x faster than eager
+        first call, which took 74-153 s on a 2-core CPU (2026-12-06; TorchInductor caches the compiled
+        graphs on disk: 7-15 s in a later process); after that, ``sample`` was 2.1-7.6x faster than eager
         in runs of ``benchmarks/npe.py --compile`` that day, which measures the ratio. Worth it for catalogs and for many
         galaxies in one session, not for a single call. Needs a C++ compiler; for fixed weights only
         (compile after training or loading).
