@@ -38,6 +38,11 @@ def amplitude(flux: Tensor, ivar: Tensor, allow_empty: bool = False) -> Tensor:
     Returns:
         s (N,).
     """
+    return _amplitude(flux, ivar, allow_empty)[0]
+
+
+def _amplitude(flux: Tensor, ivar: Tensor, allow_empty: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`amplitude`, with the validity mask (N, L) and the fluxes zeroed where invalid (N, L)."""
     valid = ivar > 0
     f = torch.where(valid, flux, torch.zeros_like(flux))
     wsum = ivar.sum(-1)
@@ -53,7 +58,7 @@ def amplitude(flux: Tensor, ivar: Tensor, allow_empty: bool = False) -> Tensor:
     plain = f.sum(-1) / n_valid
     err = torch.sqrt(torch.where(valid, 1 / ivar.clamp(min=1e-30), torch.zeros_like(ivar)).sum(-1)) / n_valid
     s = torch.maximum(torch.where(plain > 0, plain, mean), 2 * err).clamp(min=1e-30)
-    return torch.where(empty, torch.ones_like(s), s)
+    return torch.where(empty, torch.ones_like(s), s), valid, f
 
 
 def scale_free(flux: Tensor, ivar: Tensor, allow_empty: bool = False) -> tuple[Tensor, Tensor]:
@@ -69,9 +74,7 @@ def scale_free(flux: Tensor, ivar: Tensor, allow_empty: bool = False) -> tuple[T
         (channels, log10 scale): channels are flux / s, log(s sqrt(ivar)) and the
         validity flag, zero where invalid; s from :func:`amplitude`.
     """
-    s = amplitude(flux, ivar, allow_empty)
-    valid = ivar > 0
-    f = torch.where(valid, flux, torch.zeros_like(flux))
+    s, valid, f = _amplitude(flux, ivar, allow_empty)
     scaled = (f / s[:, None]).clamp(-50, 50)
     snr = torch.where(valid, torch.log(s[:, None] * torch.sqrt(ivar.clamp(min=1e-30))).clamp(-10, 15),
                       torch.zeros_like(ivar))

@@ -212,11 +212,10 @@ class NeuralPosterior(nn.Module):
                 raise ValueError(f"redshift {z.tolist()} outside the posterior's range [{lo}, {hi}]")
             x["redshift"] = z.float()
         # checked here, not in the encoder: the compiled draws (compile()) skip the encoder's checks
-        empty = [k for k in ("spectrum", "photometry") if x[k] is not None and (k == "spectrum" or not c.wave)
-                 and bool((x[f"{k}_ivar"] <= 0).all(-1).any())]
-        if empty:
-            raise ValueError(f"a galaxy has no valid {'pixels' if empty[0] == 'spectrum' else 'bands'} "
-                             "(all ivar = 0)")
+        if c.wave and bool((x["spectrum_ivar"] <= 0).all(-1).any()):
+            raise ValueError("a galaxy has no valid pixels (all ivar = 0)")
+        if not c.wave and bool((x["photometry_ivar"] <= 0).all(-1).any()):  # photometry alone
+            raise ValueError("a galaxy has no valid bands (all band ivar = 0)")
         if warn:
             self.check_distribution(x)
         return x
