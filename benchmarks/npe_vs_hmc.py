@@ -50,14 +50,18 @@ def gradient_seconds(model, obs, repeats: int = 5) -> float:
     return (time.perf_counter() - t) / repeats
 
 
-def draws(idata, g: int) -> dict[str, np.ndarray]:
-    """{parameter: draws (L,)} of galaxy g, with log10 SFR."""
+def draws(idata, g: int, sfr_floor: float = 1e-6) -> dict[str, np.ndarray]:
+    """{parameter: draws (L,)} of galaxy g, with log10 of the SFR (Msun/yr) floored at ``sfr_floor``.
+
+    The floor sets how far the lower tail of log SFR reaches for a galaxy whose recent
+    SFR the data leave free, and with it that parameter's standard deviation: two
+    posteriors are compared with the same floor."""
     post = idata.posterior
     out = {}
     for p in PARAMS:
         v = post["sfr_100myr"] if p == "log_sfr_100myr" else post[p]
         v = v.values[:, :, g].reshape(-1)
-        out[p] = np.log10(np.clip(v, 1e-6, None)) if p == "log_sfr_100myr" else v
+        out[p] = np.log10(np.clip(v, sfr_floor, None)) if p == "log_sfr_100myr" else v
     return out
 
 
@@ -75,6 +79,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--snr", type=float, default=20.0, help="S/N per band (and per spectral pixel / 7)")
+    ap.add_argument("--save", default=None, help="write the MCMC InferenceData to this netCDF file")
+    ap.add_argument("--importance", type=int, default=0,
+                    help="also build the importance-sampling reference with this many draws a galaxy "
+                         "(npe_vs_importance.py) and compare the MCMC and the amortized posterior with it")
+    ap.add_argument("--progress", action="store_true", help="show the sampler's progress bar")
+    ap.add_argument("--load", default=None,
+                    help="read the MCMC InferenceData of an earlier run (--save) instead of sampling; pass "
+                         "that run's --model, --n, --seed and --snr so that the mocks are the same")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -84,22 +96,28 @@ def main() -> None:
     model = post.model
     mock = make_mocks(model, args.n, seed=args.seed, redshift=0.1, snr_photometry=args.snr,
                       snr_spectrum=args.snr / 7)
-    one = gradient_seconds(model, _first(mock.obs))
-    many = gradient_seconds(model, mock.obs.tile(args.chains))
-    b = args.n * args.chains
-    print(f"gradient of the potential: 1 galaxy {one * 1e3:.1f} ms; {b} targets in one batch {many * 1e3:.1f} ms "
-          f"= {many / b * 1e3:.2f} ms a target (batching gain {one * b / many:.1f}x)")
-    t = time.perf_counter()
-    if args.sampler == "smc":
-        idata = run_smc(model, obs=mock.obs, num_particles=args.draws, num_runs=args.chains, seed=args.seed,
-                        max_steps=args.max_steps, progress=False)
-    else:
-        idata = run_hmc(model, obs=mock.obs, num_samples=args.draws, warmup_steps=args.warmup,
-                        num_chains=args.chains, seed=args.seed, posterior=post if args.neutra else None,
-                        max_steps=args.max_steps, progress=False)
-    wall = time.perf_counter() - t
     import arviz as az
 
+    if args.load:
+        idata, wall = az.from_netcdf(args.load), float("nan")
+        if idata.posterior.sizes["galaxy"] != args.n:
+            raise SystemExit(f"{args.load} holds {idata.posterior.sizes['galaxy']} galaxies, not --n {args.n}")
+        print(f"MCMC read from {args.load} (wall time and settings as in the run that wrote it)")
+    else:
+        one = gradient_seconds(model, _first(mock.obs))
+        many = gradient_seconds(model, mock.obs.tile(args.chains))
+        b = args.n * args.chains
+        print(f"gradient of the potential: 1 galaxy {one * 1e3:.1f} ms; {b} targets in one batch "
+              f"{many * 1e3:.1f} ms = {many / b * 1e3:.2f} ms a target (batching gain {one * b / many:.1f}x)")
+        t = time.perf_counter()
+        if args.sampler == "smc":
+            idata = run_smc(model, obs=mock.obs, num_particles=args.draws, num_runs=args.chains, seed=args.seed,
+                            max_steps=args.max_steps, progress=args.progress)
+        else:
+            idata = run_hmc(model, obs=mock.obs, num_samples=args.draws, warmup_steps=args.warmup,
+                            num_chains=args.chains, seed=args.seed, posterior=post if args.neutra else None,
+                            max_steps=args.max_steps, progress=args.progress)
+        wall = time.perf_counter() - t
     ss = idata.sample_stats
     n_grad = int(ss["n_steps"].sum())
     summ = az.summary(idata, var_names=list(post.space.names) + ["log_stellar_mass"], kind="diagnostics")
@@ -110,7 +128,7 @@ def main() -> None:
               f"{int(idata.smc.stages.min())}-{int(idata.smc.stages.max())}; log Z spread between runs "
               f"(median, max) {np.median(log_z.std(0, ddof=1)):.2f}, {log_z.std(0, ddof=1).max():.2f} nats")
     else:
-            print(f"HMC ({'flow coordinates' if args.neutra else 'unconstrained, Laplace start'}): {args.n} galaxies x "
+        print(f"HMC ({'flow coordinates' if args.neutra else 'unconstrained, Laplace start'}): {args.n} galaxies x "
               f"{args.chains} chains x ({args.warmup} + {args.draws}): wall {wall:.0f} s, "
               f"{n_grad / ss['n_steps'].size:.1f} gradients a draw (sampling), step size median "
               f"{float(ss['step_size'].median()):.3f}, "
@@ -144,6 +162,48 @@ def main() -> None:
         print(f"{p:18s} {ok_s.sum():>6d} of {args.n:<3d} {ok_w.sum():>9d} of {args.n:<3d} "
               f"{np.median(np.abs(shifts[:, j])):>15.2f} {np.median(widths[:, j]):>13.2f} "
               f"{np.mean(np.array(inside68)[:, j]):>13.2f} {np.mean(np.array(inside95)[:, j]):>7.2f}")
+    if args.save and not args.load:
+        idata.to_netcdf(args.save)
+    if args.importance:
+        against_importance(post, mock, idata, amort, good, args)
+
+
+def against_importance(post, mock, idata, amort, converged: np.ndarray, args) -> None:
+    """The MCMC and the amortized posterior against the importance-sampling reference, galaxy by galaxy."""
+    from npe_vs_importance import reference_moments
+
+    from sedppl.mocks import galaxy
+
+    torch.manual_seed(args.seed)
+    t = time.perf_counter()
+    rows = []  # per galaxy and parameter: (MCMC shift, MCMC width ratio, NPE shift, NPE width ratio), IS sd units
+    ess = []
+    for g in range(args.n):  # log SFR floored at 1e-6 Msun/yr on all three sides, as in the tables above
+        ref, _, e = reference_moments(post, galaxy(mock, g).obs, args.importance, sfr_floor=1e-6)
+        mc, am = draws(idata, g), draws(amort, g)
+        rows.append([[(x[p].mean() - ref[p][0]) / ref[p][1] if k == 0 else x[p].std() / ref[p][1]
+                      for x in (mc, am) for k in (0, 1)] for p in PARAMS])
+        ess.append(e)
+    rows, ess = np.array(rows), np.array(ess)
+    usable = ess >= 200
+    use = converged & usable
+    print(f"importance-sampling reference ({args.importance} draws a galaxy): {time.perf_counter() - t:.0f} s, "
+          f"ESS median {np.median(ess):.0f}, min {ess.min():.0f}; {usable.sum()} galaxies with ESS >= 200, "
+          f"{use.sum()} of them with MCMC R-hat <= 1.01")
+    print(f"{'parameter':18s} {'MCMC vs IS, R-hat<=1.01':>24s} {'MCMC vs IS, all':>17s}   "
+          f"{'|shift|<0.3 and width 0.8-1.25: NPE vs IS':>42s} {'NPE vs MCMC, R-hat<=1.01':>25s}")
+    mc_s, mc_w, am_s, am_w = (rows[..., k] for k in range(4))
+
+    def span(s, w):
+        return f"{np.abs(s).max():.2f} {w.min():.2f}-{w.max():.2f}" if len(s) else "-"
+
+    for j, p in enumerate(PARAMS):
+        good = (np.abs(am_s[:, j]) < 0.3) & (am_w[:, j] > 0.8) & (am_w[:, j] < 1.25)
+        r = am_w[:, j] / mc_w[:, j]
+        vs_mc = (np.abs((am_s[:, j] - mc_s[:, j]) / mc_w[:, j]) < 0.3) & (r > 0.8) & (r < 1.25)
+        print(f"{p:18s} {span(mc_s[use, j], mc_w[use, j]):>24s} {span(mc_s[usable, j], mc_w[usable, j]):>17s}   "
+              f"{good[usable].sum():>33d} of {usable.sum():<5d} {vs_mc[use].sum():>18d} of {use.sum()}")
+    print("(MCMC vs IS: largest |shift| of the MCMC mean in IS standard deviations, range of the MCMC/IS width ratio)")
 
 
 def _first(obs):

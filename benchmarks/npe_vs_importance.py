@@ -47,6 +47,27 @@ def weighted(f: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     return m, float(np.sqrt((w * (f - m) ** 2).sum()))
 
 
+def reference_moments(post: NeuralPosterior, obs, draws: int, sfr_floor: float = 1e-30) -> tuple[dict, dict, float]:
+    """Importance-sampling reference of one galaxy: ({param: (mean, sd)} of the exact
+    posterior, the same of the amortized posterior from the paired draws, the weights' ESS);
+    log SFR of the SFR (Msun/yr) floored at ``sfr_floor``."""
+    model = post.model
+    own = np.arange(draws) < draws - round(0.5 * draws)  # drawn from the flow's own base
+    x = post.inputs(obs, warn=False)
+    u, log_prop = defensive_draws(post, x, draws, defensive=0.5, wide=1.5)
+    values, logdet = post.space.to_constrained(u)
+    logw = (log_joint(model, values, obs) - (log_prop - logdet).double())[:, 0]
+    w = torch.softmax(logw, 0).numpy()
+    p = post.package(obs, x, u, None, derived=True).posterior
+    ref, npe = {}, {}
+    for name in PARAMS:
+        f = (np.log10(np.maximum(p["sfr_100myr"].values[0, :, 0], sfr_floor)) if name == "log_sfr_100myr"
+             else p[name].values[0, :, 0]).astype(np.float64)
+        ref[name] = weighted(f, w)
+        npe[name] = (float(f[own].mean()), float(f[own].std()))
+    return ref, npe, float(1 / (w**2).sum())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mocks", type=int, default=20)
@@ -65,25 +86,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     shifts, widths, ess_all = [], [], []
     t0 = time.perf_counter()
-    own = np.arange(args.draws) < args.draws - round(0.5 * args.draws)  # drawn from the flow's own base
     for i in range(args.mocks):
-        obs = galaxy(mocks, i).obs
-        x = post.inputs(obs, warn=False)
-        u, log_prop = defensive_draws(post, x, args.draws, defensive=0.5, wide=1.5)
-        values, logdet = post.space.to_constrained(u)
-        logw = (log_joint(model, values, obs) - (log_prop - logdet).double())[:, 0]
-        w = torch.softmax(logw, 0).numpy()
-        ess = 1 / (w**2).sum()
-        idata = post.package(obs, x, u, None, derived=True)
-        p = idata.posterior
-        row_s, row_w = [], []
-        for name in PARAMS:
-            f = (np.log10(np.maximum(p["sfr_100myr"].values[0, :, 0], 1e-30)) if name == "log_sfr_100myr"
-                 else p[name].values[0, :, 0]).astype(np.float64)
-            m_ref, s_ref = weighted(f, w)
-            m_npe, s_npe = f[own].mean(), f[own].std()
-            row_s.append((m_npe - m_ref) / s_ref)
-            row_w.append(s_npe / s_ref)
+        ref, npe, ess = reference_moments(post, galaxy(mocks, i).obs, args.draws)
+        row_s = [(npe[name][0] - ref[name][0]) / ref[name][1] for name in PARAMS]
+        row_w = [npe[name][1] / ref[name][1] for name in PARAMS]
         shifts.append(row_s)
         widths.append(row_w)
         ess_all.append(ess)
