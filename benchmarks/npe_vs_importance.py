@@ -19,7 +19,7 @@ standard deviations and the ratio of widths, against the issue's goals
 :func:`sedppl.infer.importance.importance_sample` (the user-facing form) on one
 galaxy and on all of them.
 
-    python benchmarks/npe_vs_importance.py [--mocks 20] [--draws 20000] [--seed 12] [--posterior FILE]
+    python benchmarks/npe_vs_importance.py [--mocks 20] [--draws 20000] [--seed 12] [--sfr-floor 1e-6] [--posterior FILE]
 
 ``--posterior`` measures a trained ugriz posterior file instead of the shipped one
 (e.g. a candidate from ``sedppl train posterior --model phot``).
@@ -75,6 +75,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--min-ess", type=float, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sfr-floor", type=float, default=1e-6,
+                    help="floor of the SFR (Msun/yr) before its log10 (before 2026-12-06: 1e-30, which lets the "
+                         "lower tail of a galaxy with a free recent SFR dominate its standard deviation)")
     ap.add_argument("--posterior", default=None, help="a trained ugriz posterior (default: the shipped one)")
     args = ap.parse_args()
     start(args.threads)
@@ -87,7 +90,7 @@ def main() -> None:
     shifts, widths, ess_all = [], [], []
     t0 = time.perf_counter()
     for i in range(args.mocks):
-        ref, npe, ess = reference_moments(post, galaxy(mocks, i).obs, args.draws)
+        ref, npe, ess = reference_moments(post, galaxy(mocks, i).obs, args.draws, args.sfr_floor)
         row_s = [(npe[name][0] - ref[name][0]) / ref[name][1] for name in PARAMS]
         row_w = [npe[name][1] / ref[name][1] for name in PARAMS]
         shifts.append(row_s)
