@@ -179,7 +179,7 @@ def against_importance(post, mock, idata, amort, converged: np.ndarray, args) ->
     rows = []  # per galaxy and parameter: (MCMC shift, MCMC width ratio, NPE shift, NPE width ratio), IS sd units
     ess = []
     for g in range(args.n):  # log SFR floored at 1e-6 Msun/yr on all three sides, as in the tables above
-        ref, _, e = reference_moments(post, galaxy(mock, g).obs, args.importance, sfr_floor=1e-6)
+        ref, _, e = reference_moments(post, galaxy(mock, g).obs, args.importance)
         mc, am = draws(idata, g), draws(amort, g)
         rows.append([[(x[p].mean() - ref[p][0]) / ref[p][1] if k == 0 else x[p].std() / ref[p][1]
                       for x in (mc, am) for k in (0, 1)] for p in PARAMS])

@@ -19,7 +19,8 @@ standard deviations and the ratio of widths, against the issue's goals
 :func:`sedppl.infer.importance.importance_sample` (the user-facing form) on one
 galaxy and on all of them.
 
-    python benchmarks/npe_vs_importance.py [--mocks 20] [--draws 20000] [--seed 12] [--sfr-floor 1e-6] [--posterior FILE]
+    python benchmarks/npe_vs_importance.py [--mocks 20] [--draws 20000] [--seed 12] [--sfr-floor 1e-6]
+                                            [--posterior FILE]
 
 ``--posterior`` measures a trained ugriz posterior file instead of the shipped one
 (e.g. a candidate from ``sedppl train posterior --model phot``).
@@ -40,6 +41,9 @@ from sedppl.mocks import galaxy, make_mocks
 from sedppl.posteriors import load_shipped
 
 PARAMS = ["log_stellar_mass", "log_sfr_100myr", "tau_bc", "tau_ism", "dust_index"]
+#: Floor of the SFR (Msun/yr) before its log10, as in npe_vs_hmc.py (before 2026-12-06: 1e-30, which
+#: lets the lower tail of a galaxy whose recent SFR is free dominate the standard deviation of log SFR).
+SFR_FLOOR = 1e-6
 
 
 def weighted(f: np.ndarray, w: np.ndarray) -> tuple[float, float]:
@@ -47,7 +51,7 @@ def weighted(f: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     return m, float(np.sqrt((w * (f - m) ** 2).sum()))
 
 
-def reference_moments(post: NeuralPosterior, obs, draws: int, sfr_floor: float = 1e-30) -> tuple[dict, dict, float]:
+def reference_moments(post: NeuralPosterior, obs, draws: int, sfr_floor: float = SFR_FLOOR) -> tuple[dict, dict, float]:
     """Importance-sampling reference of one galaxy: ({param: (mean, sd)} of the exact
     posterior, the same of the amortized posterior from the paired draws, the weights' ESS);
     log SFR of the SFR (Msun/yr) floored at ``sfr_floor``."""
@@ -75,9 +79,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--min-ess", type=float, default=200)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sfr-floor", type=float, default=1e-6,
-                    help="floor of the SFR (Msun/yr) before its log10 (before 2026-12-06: 1e-30, which lets the "
-                         "lower tail of a galaxy with a free recent SFR dominate its standard deviation)")
+    ap.add_argument("--sfr-floor", type=float, default=SFR_FLOOR,
+                    help="floor of the SFR (Msun/yr) before its log10 (before 2026-12-06: 1e-30)")
     ap.add_argument("--posterior", default=None, help="a trained ugriz posterior (default: the shipped one)")
     args = ap.parse_args()
     start(args.threads)
