@@ -37,6 +37,8 @@ from sedppl.infer.smc import run_smc
 from sedppl.mocks import make_mocks
 from sedppl.posteriors import load_shipped
 
+from npe_vs_importance import SFR_FLOOR  # the script beside this one
+
 PARAMS = ("log_stellar_mass", "log_sfr_100myr", "tau_bc", "tau_ism", "dust_index")
 
 
@@ -50,7 +52,7 @@ def gradient_seconds(model, obs, repeats: int = 5) -> float:
     return (time.perf_counter() - t) / repeats
 
 
-def draws(idata, g: int, sfr_floor: float = 1e-6) -> dict[str, np.ndarray]:
+def draws(idata, g: int, sfr_floor: float = SFR_FLOOR) -> dict[str, np.ndarray]:
     """{parameter: draws (L,)} of galaxy g, with log10 of the SFR (Msun/yr) floored at ``sfr_floor``.
 
     The floor sets how far the lower tail of log SFR reaches for a galaxy whose recent
@@ -147,7 +149,7 @@ def main() -> None:
         cmp = compare_posteriors(amo, ref, seed=g)
         shifts.append([cmp["shift"][p] for p in PARAMS])
         widths.append([cmp["width_ratio"][p] for p in PARAMS])
-        truth = {p: float(np.log10(max(mock.truth["sfr_100myr"][g], 1e-6)) if p == "log_sfr_100myr"
+        truth = {p: float(np.log10(max(mock.truth["sfr_100myr"][g], SFR_FLOOR)) if p == "log_sfr_100myr"
                           else mock.truth[p][g]) for p in PARAMS}
         inside68.append([abs(np.mean(ref[p] <= truth[p]) - 0.5) < 0.34 for p in PARAMS])
         inside95.append([abs(np.mean(ref[p] <= truth[p]) - 0.5) < 0.475 for p in PARAMS])
@@ -178,7 +180,7 @@ def against_importance(post, mock, idata, amort, converged: np.ndarray, args) ->
     t = time.perf_counter()
     rows = []  # per galaxy and parameter: (MCMC shift, MCMC width ratio, NPE shift, NPE width ratio), IS sd units
     ess = []
-    for g in range(args.n):  # log SFR floored at 1e-6 Msun/yr on all three sides, as in the tables above
+    for g in range(args.n):  # log SFR floored at SFR_FLOOR on all three sides, as in the tables above
         ref, _, e = reference_moments(post, galaxy(mock, g).obs, args.importance)
         mc, am = draws(idata, g), draws(amort, g)
         rows.append([[(x[p].mean() - ref[p][0]) / ref[p][1] if k == 0 else x[p].std() / ref[p][1]
