@@ -34,10 +34,10 @@ from sedppl.diagnostics import compare_posteriors
 from sedppl.infer.hmc import run_hmc
 from sedppl.infer.potential import BatchedPotential
 from sedppl.infer.smc import run_smc
-from sedppl.mocks import make_mocks
+from sedppl.mocks import galaxy, make_mocks
 from sedppl.posteriors import load_shipped
 
-from npe_vs_importance import SFR_FLOOR  # the script beside this one
+from npe_vs_importance import SFR_FLOOR, reference_moments  # the script beside this one
 
 PARAMS = ("log_stellar_mass", "log_sfr_100myr", "tau_bc", "tau_ism", "dust_index")
 
@@ -172,10 +172,6 @@ def main() -> None:
 
 def against_importance(post, mock, idata, amort, converged: np.ndarray, args) -> None:
     """The MCMC and the amortized posterior against the importance-sampling reference, galaxy by galaxy."""
-    from npe_vs_importance import reference_moments
-
-    from sedppl.mocks import galaxy
-
     torch.manual_seed(args.seed)
     t = time.perf_counter()
     rows = []  # per galaxy and parameter: (MCMC shift, MCMC width ratio, NPE shift, NPE width ratio), IS sd units

@@ -41,7 +41,7 @@ from sedppl.mocks import galaxy, make_mocks
 from sedppl.posteriors import load_shipped
 
 PARAMS = ["log_stellar_mass", "log_sfr_100myr", "tau_bc", "tau_ism", "dust_index"]
-#: Floor of the SFR (Msun/yr) before its log10, as in npe_vs_hmc.py (before 2026-12-06: 1e-30, which
+#: Floor of the SFR (Msun/yr) before its log10, here and in npe_vs_hmc.py (before 2026-12-06: 1e-30, which
 #: lets the lower tail of a galaxy whose recent SFR is free dominate the standard deviation of log SFR).
 SFR_FLOOR = 1e-6
 
