@@ -37,9 +37,7 @@ from sedppl.infer.smc import run_smc
 from sedppl.mocks import galaxy, make_mocks
 from sedppl.posteriors import load_shipped
 
-from npe_vs_importance import SFR_FLOOR, reference_moments  # the script beside this one
-
-PARAMS = ("log_stellar_mass", "log_sfr_100myr", "tau_bc", "tau_ism", "dust_index")
+from npe_vs_importance import PARAMS, SFR_FLOOR, reference_moments  # the script beside this one
 
 
 def gradient_seconds(model, obs, repeats: int = 5) -> float:
