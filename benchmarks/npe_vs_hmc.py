@@ -15,6 +15,7 @@ the cost per galaxy inside the batch.
 
     python benchmarks/npe_vs_hmc.py [--model phot] [--n 20] [--chains 2] [--warmup 300] [--draws 300]
                                     [--neutra] [--sampler hmc|smc] [--max-steps 32] [--seed 11] [--threads 2]
+                                    [--dtype float64] [--laplace-mass] [--checkpoint F] [--save F.nc]
 
 With ``--sampler smc`` the reference is tempered SMC (:mod:`sedppl.infer.smc`):
 ``--chains`` independent runs of ``--draws`` particles per galaxy (no warmup).
@@ -32,7 +33,7 @@ import torch
 
 from sedppl.diagnostics import compare_posteriors
 from sedppl.infer.hmc import run_hmc
-from sedppl.infer.potential import BatchedPotential
+from sedppl.infer.potential import BatchedPotential, physics_dtype
 from sedppl.infer.smc import run_smc
 from sedppl.mocks import galaxy, make_mocks
 from sedppl.posteriors import load_shipped
@@ -40,13 +41,14 @@ from sedppl.posteriors import load_shipped
 from npe_vs_importance import PARAMS, SFR_FLOOR, reference_moments  # the script beside this one
 
 
-def gradient_seconds(model, obs, repeats: int = 5) -> float:
-    pot = BatchedPotential(model, kwargs={"obs": obs})
-    u = pot.prior_draw()
-    pot.value_and_grad(u)
-    t = time.perf_counter()
-    for _ in range(repeats):
+def gradient_seconds(model, obs, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    with physics_dtype(model, dtype):
+        pot = BatchedPotential(model, kwargs={"obs": obs}, dtype=dtype)
+        u = pot.prior_draw()
         pot.value_and_grad(u)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            pot.value_and_grad(u)
     return (time.perf_counter() - t) / repeats
 
 
@@ -84,6 +86,14 @@ def main() -> None:
                     help="also build the importance-sampling reference with this many draws a galaxy "
                          "(npe_vs_importance.py) and compare the MCMC and the amortized posterior with it")
     ap.add_argument("--progress", action="store_true", help="show the sampler's progress bar")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                    help="precision of the physics during HMC (float64 for spectra: docs/inference.md)")
+    ap.add_argument("--laplace-mass", action="store_true",
+                    help="with --neutra: start the mass matrices at each mode's Laplace covariance in the flow's "
+                         "coordinates (run_hmc's laplace_mass)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="HMC: save the sampler's state to this file as it runs and continue from it if it exists "
+                         "(the wall time printed is then this process's only)")
     ap.add_argument("--load", default=None,
                     help="read the MCMC InferenceData of an earlier run (--save) instead of sampling; pass "
                          "that run's --model, --n, --seed and --snr so that the mocks are the same")
@@ -104,8 +114,8 @@ def main() -> None:
             raise SystemExit(f"{args.load} holds {idata.posterior.sizes['galaxy']} galaxies, not --n {args.n}")
         print(f"MCMC read from {args.load} (wall time and settings as in the run that wrote it)")
     else:
-        one = gradient_seconds(model, _first(mock.obs))
-        many = gradient_seconds(model, mock.obs.tile(args.chains))
+        one = gradient_seconds(model, _first(mock.obs), dtype=getattr(torch, args.dtype))
+        many = gradient_seconds(model, mock.obs.tile(args.chains), dtype=getattr(torch, args.dtype))
         b = args.n * args.chains
         print(f"gradient of the potential: 1 galaxy {one * 1e3:.1f} ms; {b} targets in one batch "
               f"{many * 1e3:.1f} ms = {many / b * 1e3:.2f} ms a target (batching gain {one * b / many:.1f}x)")
@@ -116,8 +126,11 @@ def main() -> None:
         else:
             idata = run_hmc(model, obs=mock.obs, num_samples=args.draws, warmup_steps=args.warmup,
                             num_chains=args.chains, seed=args.seed, posterior=post if args.neutra else None,
-                            max_steps=args.max_steps, progress=args.progress)
+                            max_steps=args.max_steps, progress=args.progress, dtype=getattr(torch, args.dtype),
+                            laplace_mass=args.laplace_mass, checkpoint=args.checkpoint)
         wall = time.perf_counter() - t
+        if args.save:  # before any comparison, so that a failure there loses no draws
+            idata.to_netcdf(args.save)
     ss = idata.sample_stats
     n_grad = int(ss["n_steps"].sum())
     summ = az.summary(idata, var_names=list(post.space.names) + ["log_stellar_mass"], kind="diagnostics")
@@ -162,8 +175,6 @@ def main() -> None:
         print(f"{p:18s} {ok_s.sum():>6d} of {args.n:<3d} {ok_w.sum():>9d} of {args.n:<3d} "
               f"{np.median(np.abs(shifts[:, j])):>15.2f} {np.median(widths[:, j]):>13.2f} "
               f"{np.mean(np.array(inside68)[:, j]):>13.2f} {np.mean(np.array(inside95)[:, j]):>7.2f}")
-    if args.save and not args.load:
-        idata.to_netcdf(args.save)
     if args.importance:
         against_importance(post, mock, idata, amort, good, args)
 

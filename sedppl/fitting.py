@@ -325,8 +325,10 @@ def fit_hmc(obs: Observation, model, out: str | Path, num_samples: int = 500, wa
 
     Each chunk's draws go to ``chunks/hmc_NNNNN.nc`` and its rows to
     ``chunks/summary_NNNNN.ecsv`` (NNNNN: the chunk's first galaxy; atomic writes;
-    a rerun skips finished chunks). Columns as :func:`fit_nuts`, the convergence
-    flags computed per galaxy.
+    a rerun skips finished chunks). While a chunk runs, its sampler state is saved to
+    ``chunks/hmc_NNNNN.ckpt`` (every 25 iterations), so a rerun continues an interrupted
+    chunk where it stopped; the file is removed once the chunk is written. Columns as
+    :func:`fit_nuts`, the convergence flags computed per galaxy.
 
     Arguments:
         obs: A batch observation.
@@ -345,9 +347,10 @@ def fit_hmc(obs: Observation, model, out: str | Path, num_samples: int = 500, wa
     """
     from .infer.hmc import run_hmc
 
-    def run(part, i):
+    def run(part, i):  # a chunk's sampler state is saved as it runs, so an interrupted chunk resumes mid-run
         return run_hmc(model, obs=part, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
-                       seed=seed + i, progress=progress, predictive=predictive, **hmc_kwargs)
+                       seed=seed + i, progress=progress, predictive=predictive,
+                       checkpoint=Path(out) / "chunks" / f"hmc_{i:05d}.ckpt", **hmc_kwargs)
 
     tables = _fit_mcmc(obs, model, Path(out), chunk, run, "hmc", "HMC", progress, plots, truth, save_draws)
     return _write_summary(tables, Path(out), f"sedppl fit --method hmc: {type(model).__name__}, {num_chains} chains "
@@ -405,6 +408,7 @@ def _fit_mcmc(obs: Observation, model, out: Path, chunk: int, run, stem: str, en
             idata = run(part, i)
         tables.append(_write_mcmc(idata, part, model, out, f"{stem}_{i:05d}", path, i, plots, truth, engine,
                                   save_draws))
+        (out / "chunks" / f"{stem}_{i:05d}.ckpt").unlink(missing_ok=True)  # the sampler state, once written out
         _pass_convergence_warnings(caught, list(range(i, min(i + chunk, n))))
     return tables
 

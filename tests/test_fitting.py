@@ -83,6 +83,7 @@ def test_fit_hmc_chunks_resume_and_match_one_batch(small_model, mocks, tmp_path)
     table = fit_hmc(obs, small_model, tmp_path, **kw)
     assert len(table) == 6
     assert sorted(p.name for p in (tmp_path / "chunks").glob("*.nc")) == ["hmc_00000.nc", "hmc_00004.nc"]
+    assert not list((tmp_path / "chunks").glob("*.ckpt"))  # sampler states removed once written out
     for col in ("log_mass_p50", "log_stellar_mass_p50", "chi2_dof", "rhat_max", "ess_bulk_min", "divergences"):
         assert col in table.colnames, col
     assert np.all(np.isfinite(table["rhat_max"]))

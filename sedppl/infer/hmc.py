@@ -33,6 +33,7 @@ References:
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import numpy as np
@@ -173,7 +174,8 @@ class _DualAveraging:
 def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_samples: int,
                inverse_mass: Tensor | None = None, trajectory_length: float = 0.5 * math.pi,
                target_accept: float = 0.8, max_steps: int = 128, step_size: float = 1.0,
-               generator: torch.Generator | None = None, progress: bool = True) -> dict[str, Tensor]:
+               generator: torch.Generator | None = None, progress: bool = True,
+               checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 25) -> dict[str, Tensor]:
     """Batched static HMC with jittered trajectory lengths and per-target adaptation.
 
     Arguments:
@@ -188,6 +190,12 @@ def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_
         max_steps: Cap on leapfrog steps per transition.
         step_size: Largest starting step size (whitened units); halved per target until one
             leapfrog step is accepted with probability > 0.5.
+        checkpoint: A file that holds the whole state of the run (position, adaptation,
+            draws so far, random generator), rewritten atomically every ``checkpoint_every``
+            iterations and at the end. If it exists, the run continues from it and gives the
+            same draws as an uninterrupted run; a finished run's file returns its result
+            without sampling, or, with a larger ``num_samples``, goes on to draw the rest. Read with ``torch.load(weights_only=True)`` (tensors and numbers
+            only). A file written for other settings or starting points raises ValueError.
 
     Returns:
         {"u": (S, B, D) draws, "potential": (S, B), "accept_prob", "diverging", "n_steps",
@@ -196,22 +204,49 @@ def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     b, d = start.shape
     dtype = start.dtype
-    cov = (torch.eye(d, dtype=dtype).expand(b, d, d).clone() if inverse_mass is None
-           else inverse_mass.to(dtype).clone())
-    chol = torch.linalg.cholesky(cov)
-    eps = _initial_step_size(potential, start, chol, float(step_size), gen)
-    adapt = _DualAveraging(eps, target_accept)
-    ends = set(warmup_windows(num_warmup))
-    window: list[Tensor] = []
-    u = start.clone()
-    pot, grad = potential.value_and_grad(u)
-    if not torch.all(torch.isfinite(pot)):
-        raise ValueError(f"{int((~torch.isfinite(pot)).sum())} starting points have no finite density")
+    settings = {"targets": b, "dimensions": d, "num_warmup": num_warmup, "num_samples": num_samples,
+                "trajectory_length": float(trajectory_length), "target_accept": float(target_accept),
+                "max_steps": int(max_steps)}
     keys = ("u", "potential", "accept_prob", "diverging", "n_steps", "step_size")
-    out: dict[str, list] = {k: [] for k in keys}
-    warm_div = torch.zeros(b, dtype=torch.long)
-    bar = tqdm(total=num_warmup + num_samples, disable=not progress, desc="HMC", unit="it")
-    for it in range(num_warmup + num_samples):
+    ends = set(warmup_windows(num_warmup))
+    saved = _read_checkpoint(checkpoint, settings, start) if checkpoint is not None else None
+    if saved is None:
+        cov = (torch.eye(d, dtype=dtype).expand(b, d, d).clone() if inverse_mass is None
+               else inverse_mass.to(dtype).clone())
+        chol = torch.linalg.cholesky(cov)
+        eps = _initial_step_size(potential, start, chol, float(step_size), gen)
+        adapt = _DualAveraging(eps, target_accept)
+        window: list[Tensor] = []
+        u = start.clone()
+        pot, grad = potential.value_and_grad(u)
+        if not torch.all(torch.isfinite(pot)):
+            raise ValueError(f"{int((~torch.isfinite(pot)).sum())} starting points have no finite density")
+        out: dict[str, list] = {k: [] for k in keys}
+        warm_div = torch.zeros(b, dtype=torch.long)
+        first = 0
+    else:
+        first, u, pot, grad, eps, cov = (saved[k] for k in ("iteration", "u", "pot", "grad", "eps", "cov"))
+        chol = torch.linalg.cholesky(cov)
+        adapt = _DualAveraging(eps, target_accept)
+        adapt.mu, adapt.hbar, adapt.log_avg = saved["adapt_mu"], saved["adapt_hbar"], saved["adapt_log_avg"]
+        adapt.t = int(saved["adapt_t"])
+        window = list(saved["window"].unbind(1))
+        out = {k: list(saved["out_" + k].unbind(0)) for k in keys}
+        warm_div = saved["warm_div"]
+        gen.set_state(saved["generator"])
+
+    def save(iteration: int) -> None:
+        state = {**settings, "iteration": iteration, "start": start, "u": u, "pot": pot, "grad": grad,
+                 "eps": eps, "cov": cov, "adapt_mu": adapt.mu, "adapt_hbar": adapt.hbar,
+                 "adapt_log_avg": adapt.log_avg, "adapt_t": adapt.t, "warm_div": warm_div,
+                 "window": torch.stack(window, 1) if window else torch.empty(b, 0, d, dtype=dtype),
+                 "generator": gen.get_state()}
+        for k in keys:
+            state["out_" + k] = torch.stack(out[k]) if out[k] else torch.empty(0)
+        _write_atomically(state, checkpoint)
+
+    bar = tqdm(total=num_warmup + num_samples, initial=first, disable=not progress, desc="HMC", unit="it")
+    for it in range(first, num_warmup + num_samples):
         warm = it < num_warmup
         step_out = hmc_transition(lambda x: (*potential.value_and_grad(x), None), u, pot, grad, None, chol, eps,
                                   trajectory_length, max_steps, gen)
@@ -234,11 +269,43 @@ def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_
         bar.update(1)
         if it % 10 == 0:
             bar.set_postfix(step=f"{float(eps.median()):.3g}", accept=f"{float(accept_prob.mean()):.2f}")
+        if checkpoint is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == num_warmup + num_samples):
+            save(it + 1)
     bar.close()
     res = {k: torch.stack(v) if v else torch.empty(0) for k, v in out.items()}
     res["inverse_mass"] = cov
     res["warmup_divergences"] = warm_div
     return res
+
+
+def _write_atomically(state: dict, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a crash mid-write leaves
+    the previous checkpoint intact."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _read_checkpoint(path: str | os.PathLike, settings: dict, start: Tensor) -> dict | None:
+    """The state saved in ``path`` (None if there is no such file), checked against this run's settings."""
+    if not os.path.exists(path):
+        return None
+    state = torch.load(path, weights_only=True)
+    for k, v in settings.items():
+        if k == "num_samples":  # a run may be extended to more draws (not cut below those it has)
+            if state["iteration"] > state["num_warmup"] + v:
+                raise ValueError(f"checkpoint {os.fspath(path)} already holds "
+                                 f"{state['iteration'] - state['num_warmup']} draws, more than num_samples = {v}")
+            continue
+        if state.get(k) != v:
+            raise ValueError(f"checkpoint {os.fspath(path)} was written with {k} = {state.get(k)}, this run has "
+                             f"{v}; remove the file or pass the run's original settings")
+    if state["start"].shape != start.shape or not torch.allclose(state["start"], start.to(state["start"].dtype),
+                                                                 rtol=1e-4, atol=1e-4):
+        raise ValueError(f"checkpoint {os.fspath(path)} was written for other starting points (another "
+                         "observation, model or seed?); remove it or rerun with the original inputs")
+    return state
 
 
 def _initial_step_size(potential, u: Tensor, chol: Tensor, step: float, gen: torch.Generator,
@@ -279,7 +346,8 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
             num_chains: int = 4, seed: int = 0, posterior=None, map_restarts: int = 4, map_steps: int = 200,
             jitter: float = 1.0, trajectory_length: float = 0.5 * math.pi, target_accept: float = 0.8,
             max_steps: int = 128, dtype: torch.dtype = torch.float32, neutra: bool = True, init_draws: int = 64,
-            predictive: int = 0, student_t_quantiles: bool = True, progress: bool = True, **kwargs):
+            predictive: int = 0, student_t_quantiles: bool = True, progress: bool = True,
+            checkpoint: str | os.PathLike | None = None, laplace_mass: bool = False, **kwargs):
     """Sample the posteriors of every galaxy of ``obs``, with several chains each, in one batch.
 
     With ``posterior`` (a trained amortized posterior of this model), the chains
@@ -316,6 +384,14 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
         student_t_quantiles: Without a flow: sample Student-t sites (the continuity prior's
             ``log_sfr_ratio``) in their prior-quantile coordinates (True) or as they are
             (False); see :class:`sedppl.infer.potential.UnconstrainedCoordinates`.
+        laplace_mass: With ``posterior`` and ``neutra``: start every chain's inverse mass
+            matrix at the Laplace covariance of its galaxy's mode in the flow's coordinates
+            (L-BFGS from the flow's centre, ``map_steps`` iterations) instead of the identity.
+            The chains still start from independent flow draws. For posteriors much narrower
+            than the amortized one (spectra), where an identity start costs a long warmup.
+        checkpoint: A file to save the sampler's state to as it runs, and to continue from
+            if it exists (:func:`sample_hmc`); the starts are found again first (same seed,
+            same starts), then the run picks up at the saved iteration.
         kwargs: Other keyword arguments of the model.
 
     Returns:
@@ -329,12 +405,12 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
     with physics_dtype(model, dtype):
         return _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, seed, posterior,
                         map_restarts, map_steps, jitter, trajectory_length, target_accept, max_steps, dtype,
-                        neutra, init_draws, predictive, student_t_quantiles, progress)
+                        neutra, init_draws, predictive, student_t_quantiles, progress, checkpoint, laplace_mass)
 
 
 def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, seed, posterior, map_restarts,
              map_steps, jitter, trajectory_length, target_accept, max_steps, dtype, neutra, init_draws, predictive,
-             quantiles, progress):
+             quantiles, progress, checkpoint, laplace_mass):
     from .nuts import check_convergence
 
     pyro.set_rng_seed(seed)
@@ -359,6 +435,11 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
                 break
             start[bad] = torch.randn(int(bad.sum()), potential.dim, generator=gen, dtype=torch.float64)
         inverse_mass = None
+        if laplace_mass:
+            one = BatchedPotential(model, args, {**kwargs, "obs": obs},
+                                   coordinates=FlowCoordinates(posterior, obs, dtype))
+            mode, _ = find_modes(one, torch.zeros(g, one.dim, dtype=torch.float64), steps=map_steps)
+            inverse_mass = laplace_covariance(one, mode).repeat(num_chains, 1, 1)
     else:
         starts = None if posterior is None else _posterior_draws(model, args, kwargs, obs, posterior,
                                                                  init_draws, seed, dtype, quantiles)
@@ -371,7 +452,7 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
         inverse_mass = cov.repeat(num_chains, 1, 1)
     res = sample_hmc(potential, start, warmup_steps, num_samples, inverse_mass=inverse_mass,
                      trajectory_length=trajectory_length, target_accept=target_accept, max_steps=max_steps,
-                     generator=gen, progress=progress)
+                     generator=gen, progress=progress, checkpoint=checkpoint)
     idata = _to_arviz(potential, res, num_chains, g, predictive)
     check_convergence(idata)
     return idata
