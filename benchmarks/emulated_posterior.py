@@ -94,6 +94,12 @@ def main(argv=None) -> dict:
                    help="also measure the shifts by paired importance sampling of S amortized draws a mock")
     p.add_argument("--linearity", action="store_true",
                    help="also measure how far the model is from linear over the Fisher posterior's extent")
+    p.add_argument("--snr-photometry", type=float, default=30.0, help="S/N per band (default 30)")
+    p.add_argument("--load", default=None, metavar="F.nc",
+                   help="with --hmc: reweight the draws of an earlier run of the exact posterior (InferenceData "
+                        "written by run_hmc, e.g. npe_vs_hmc.py --save) instead of sampling; its galaxies must be "
+                        "these mocks (same --n, --seed, --z, --snr, --snr-photometry) and --hmc and --chains its "
+                        "warmup, draws and chains")
     p.add_argument("--chains", type=int, default=2, help="HMC chains per mock (default 2)")
     p.add_argument("--max-steps", type=int, default=32, help="HMC leapfrog steps per iteration at most (default 32)")
     a = p.parse_args(argv)
@@ -105,7 +111,7 @@ def main(argv=None) -> dict:
         from sedppl.emulators import shipped_emulators
 
         emulated = cls(sps={a.emulate: shipped_emulators(a.model)[a.emulate]})
-    mock = make_mocks(exact, a.n, seed=a.seed, redshift=a.z, snr_spectrum=a.snr)
+    mock = make_mocks(exact, a.n, seed=a.seed, redshift=a.z, snr_spectrum=a.snr, snr_photometry=a.snr_photometry)
     t0 = time.time()
     with physics_dtype(exact, torch.float64), physics_dtype(emulated, torch.float64), torch.no_grad():
         tr = poutine.trace(exact).get_trace(obs=mock.obs)
@@ -182,7 +188,7 @@ def main(argv=None) -> dict:
     if a.hmc:
         pick = list(range(a.n)) if a.mocks is None else a.mocks
         out["hmc"] = hmc_shifts(exact, emulated, coords, mock.obs.select(pick), a.model, *a.hmc, a.chains,
-                                a.max_steps, a.seed + 3)
+                                a.max_steps, a.seed + 3, load=a.load, pick=pick)
         for r, i in zip(out["hmc"], pick):
             r["sd_ratio"] = sd[i].numpy() / r["sd"]
             j = int(np.abs(r["shift"]).argmax())
@@ -263,7 +269,8 @@ def npe_importance_shifts(exact, emulated, obs, key: str, n_draws: int, seed: in
 
 
 def hmc_shifts(exact, emulated, coords: UnconstrainedCoordinates, obs, key: str, warmup: int, draws: int,
-               chains: int, max_steps: int, seed: int) -> list[dict]:
+               chains: int, max_steps: int, seed: int, load: str | None = None,
+               pick: list[int] | None = None) -> list[dict]:
     """Shift of the posterior means, emulated - exact, from HMC draws of the exact posterior reweighted
     by the emulated likelihood.
 
@@ -274,6 +281,9 @@ def hmc_shifts(exact, emulated, coords: UnconstrainedCoordinates, obs, key: str,
         key: The shipped posterior (``specphot`` or ``phot``) whose draws seed the mode search.
         warmup, draws, chains, max_steps: Of :func:`sedppl.infer.hmc.run_hmc`.
         seed: Random seed.
+        load: Read the draws from this netCDF file (InferenceData of ``run_hmc`` on the mocks
+            of which ``obs`` holds the galaxies ``pick``) instead of sampling; its observed
+            data are checked against ``obs``.
 
     Returns:
         Per galaxy: ``shift`` (D,) in the exact posterior's sd over the coordinates u of ``coords``,
@@ -287,10 +297,20 @@ def hmc_shifts(exact, emulated, coords: UnconstrainedCoordinates, obs, key: str,
     from sedppl.infer.hmc import run_hmc
     from sedppl.posteriors import load_shipped
 
-    post = load_shipped(key, model=exact)
     t0 = time.time()
-    idata = run_hmc(exact, obs=obs, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed,
-                    posterior=post, neutra=False, dtype=torch.float64, max_steps=max_steps, progress=True)
+    if load is not None:
+        idata = az.from_netcdf(load).isel(galaxy=pick)
+        spec = idata.observed_data["spectrum"].values if "spectrum" in idata.observed_data else None
+        if spec is not None and not np.allclose(spec, obs.flux.numpy(), rtol=1e-5, atol=0):
+            raise SystemExit(f"{load} holds other galaxies than these mocks: pass its --n, --seed, --z and S/N")
+        if idata.posterior.sizes["chain"] != chains or idata.posterior.sizes["draw"] != draws:
+            raise SystemExit(f"{load} has {idata.posterior.sizes['chain']} chains x {idata.posterior.sizes['draw']} "
+                             f"draws; pass them as --chains and --hmc WARMUP DRAWS")
+        print(f"HMC draws read from {load}", flush=True)
+    else:
+        post = load_shipped(key, model=exact)
+        idata = run_hmc(exact, obs=obs, num_samples=draws, warmup_steps=warmup, num_chains=chains, seed=seed,
+                        posterior=post, neutra=False, dtype=torch.float64, max_steps=max_steps, progress=True)
     print(f"HMC: {obs.n_galaxies} mocks x {chains} chains x ({warmup} + {draws}), {time.time() - t0:.0f} s, "
           f"{float(idata.sample_stats['n_steps'].mean()):.1f} gradients a draw, "
           f"{int(idata.sample_stats['diverging'].sum())} divergences", flush=True)
