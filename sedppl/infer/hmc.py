@@ -384,11 +384,13 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
         student_t_quantiles: Without a flow: sample Student-t sites (the continuity prior's
             ``log_sfr_ratio``) in their prior-quantile coordinates (True) or as they are
             (False); see :class:`sedppl.infer.potential.UnconstrainedCoordinates`.
-        laplace_mass: With ``posterior`` and ``neutra``: start every chain's inverse mass
-            matrix at the Laplace covariance of its galaxy's mode in the flow's coordinates
-            (L-BFGS from the flow's centre, ``map_steps`` iterations) instead of the identity.
-            The chains still start from independent flow draws. For posteriors much narrower
-            than the amortized one (spectra), where an identity start costs a long warmup.
+        laplace_mass: With ``posterior`` and ``neutra``: every chain climbs from its own flow
+            draw to a mode in the flow's coordinates (L-BFGS, ``map_steps`` iterations), starts
+            at a draw of the Laplace approximation there (scaled by ``jitter``) and takes its
+            Laplace covariance as the first inverse mass matrix. Chains of one galaxy that end
+            at different local optima show it in R-hat. For posteriors much narrower than the
+            amortized one (spectra): a raw flow draw can lie 10^4 nats below the mode, where a
+            chain adapts a tiny step and stays for hundreds of iterations.
         checkpoint: A file to save the sampler's state to as it runs, and to continue from
             if it exists (:func:`sample_hmc`); the starts are found again first (same seed,
             same starts), then the run picks up at the saved iteration.
@@ -435,11 +437,15 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
                 break
             start[bad] = torch.randn(int(bad.sum()), potential.dim, generator=gen, dtype=torch.float64)
         inverse_mass = None
-        if laplace_mass:
-            one = BatchedPotential(model, args, {**kwargs, "obs": obs},
-                                   coordinates=FlowCoordinates(posterior, obs, dtype))
-            mode, _ = find_modes(one, torch.zeros(g, one.dim, dtype=torch.float64), steps=map_steps)
-            inverse_mass = laplace_covariance(one, mode).repeat(num_chains, 1, 1)
+        if laplace_mass:  # every chain climbs from its own flow draw to a mode, then starts a Laplace draw off it
+            mode, _ = find_modes(potential, start, steps=map_steps)
+            inverse_mass = laplace_covariance(potential, mode)
+            kick = (torch.linalg.cholesky(inverse_mass) @ torch.randn(*mode.shape, 1, generator=gen,
+                                                                      dtype=mode.dtype))[..., 0]
+            start = mode + jitter * kick
+            with torch.no_grad():
+                ok = torch.isfinite(potential(start))
+            start = torch.where(ok[:, None], start, mode)
     else:
         starts = None if posterior is None else _posterior_draws(model, args, kwargs, obs, posterior,
                                                                  init_draws, seed, dtype, quantiles)
