@@ -195,7 +195,8 @@ def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_
             iterations and at the end. If it exists, the run continues from it and gives the
             same draws as an uninterrupted run; a finished run's file returns its result
             without sampling, or, with a larger ``num_samples``, goes on to draw the rest. Read with ``torch.load(weights_only=True)`` (tensors and numbers
-            only). A file written for other settings or starting points raises ValueError.
+            only). A file written for other settings, starting points or a potential that
+            differs at its saved positions (another observation or model) raises ValueError.
 
     Returns:
         {"u": (S, B, D) draws, "potential": (S, B), "accept_prob", "diverging", "n_steps",
@@ -209,7 +210,7 @@ def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_
                 "max_steps": int(max_steps)}
     keys = ("u", "potential", "accept_prob", "diverging", "n_steps", "step_size")
     ends = set(warmup_windows(num_warmup))
-    saved = _read_checkpoint(checkpoint, settings, start) if checkpoint is not None else None
+    saved = _read_checkpoint(checkpoint, settings, start, potential) if checkpoint is not None else None
     if saved is None:
         cov = (torch.eye(d, dtype=dtype).expand(b, d, d).clone() if inverse_mass is None
                else inverse_mass.to(dtype).clone())
@@ -287,8 +288,9 @@ def _write_atomically(state: dict, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def _read_checkpoint(path: str | os.PathLike, settings: dict, start: Tensor) -> dict | None:
-    """The state saved in ``path`` (None if there is no such file), checked against this run's settings."""
+def _read_checkpoint(path: str | os.PathLike, settings: dict, start: Tensor, potential) -> dict | None:
+    """The state saved in ``path`` (None if there is no such file), checked against this run's settings,
+    starting points and potential (evaluated again at the saved positions)."""
     if not os.path.exists(path):
         return None
     state = torch.load(path, weights_only=True)
@@ -305,6 +307,14 @@ def _read_checkpoint(path: str | os.PathLike, settings: dict, start: Tensor) -> 
                                                                  rtol=1e-4, atol=1e-4):
         raise ValueError(f"checkpoint {os.fspath(path)} was written for other starting points (another "
                          "observation, model or seed?); remove it or rerun with the original inputs")
+    with torch.no_grad():
+        again = potential(state["u"]).to(state["pot"].dtype)
+    off = (again - state["pot"]).abs() > 1e-3 + 1e-6 * state["pot"].abs()
+    if bool(off.any()):
+        i = int(off.nonzero()[0, 0])
+        raise ValueError(f"checkpoint {os.fspath(path)} was written for another potential (another observation "
+                         f"or model?): at its saved position target {i} had potential {float(state['pot'][i]):.6g}, "
+                         f"here {float(again[i]):.6g}; remove it or rerun with the original inputs")
     return state
 
 
@@ -392,8 +402,8 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
             amortized one (spectra): a raw flow draw can lie 10^4 nats below the mode, where a
             chain adapts a tiny step and stays for hundreds of iterations.
         checkpoint: A file to save the sampler's state to as it runs, and to continue from
-            if it exists (:func:`sample_hmc`); the starts are found again first (same seed,
-            same starts), then the run picks up at the saved iteration.
+            if it exists (:func:`sample_hmc`): the run picks up at the saved iteration, with
+            no new search for starts, once the potential at the saved positions matches.
         kwargs: Other keyword arguments of the model.
 
     Returns:
@@ -429,23 +439,12 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
 
         potential = BatchedPotential(model, args, {**kwargs, "obs": tiled},
                                      coordinates=FlowCoordinates(posterior, tiled, dtype))
-        start = torch.randn(num_chains * g, potential.dim, generator=gen, dtype=torch.float64)
-        for _ in range(20):  # redraw the rare start outside the support
-            with torch.no_grad():
-                bad = ~torch.isfinite(potential(start))
-            if not bad.any():
-                break
-            start[bad] = torch.randn(int(bad.sum()), potential.dim, generator=gen, dtype=torch.float64)
-        inverse_mass = None
-        if laplace_mass:  # every chain climbs from its own flow draw to a mode, then starts a Laplace draw off it
-            mode, _ = find_modes(potential, start, steps=map_steps)
-            inverse_mass = laplace_covariance(potential, mode)
-            kick = (torch.linalg.cholesky(inverse_mass) @ torch.randn(*mode.shape, 1, generator=gen,
-                                                                      dtype=mode.dtype))[..., 0]
-            start = mode + jitter * kick
-            with torch.no_grad():
-                ok = torch.isfinite(potential(start))
-            start = torch.where(ok[:, None], start, mode)
+        start, inverse_mass = _saved_start(checkpoint), None
+        if start is None:
+            start, inverse_mass = _flow_starts(potential, num_chains * g, laplace_mass, map_steps, jitter, gen)
+    elif _saved_start(checkpoint) is not None:  # resuming: the state in the file replaces the start search
+        potential = BatchedPotential(model, args, {**kwargs, "obs": tiled}, dtype=dtype, student_t_quantiles=quantiles)
+        start, inverse_mass = _saved_start(checkpoint), None
     else:
         starts = None if posterior is None else _posterior_draws(model, args, kwargs, obs, posterior,
                                                                  init_draws, seed, dtype, quantiles)
@@ -462,6 +461,37 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
     idata = _to_arviz(potential, res, num_chains, g, predictive)
     check_convergence(idata)
     return idata
+
+
+def _saved_start(checkpoint: str | os.PathLike | None) -> Tensor | None:
+    """The starting points recorded in an existing checkpoint file (None without one)."""
+    if checkpoint is None or not os.path.exists(checkpoint):
+        return None
+    return torch.load(checkpoint, weights_only=True)["start"]
+
+
+def _flow_starts(potential: BatchedPotential, b: int, laplace_mass: bool, steps: int, jitter: float,
+                 gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    """Starts (B, D) in a flow's base space and the first inverse mass matrices (None: identity):
+    flow draws, or (``laplace_mass``) Laplace draws at the modes the flow draws climb to."""
+    start = torch.randn(b, potential.dim, generator=gen, dtype=torch.float64)
+    for _ in range(20):  # redraw the rare start outside the support
+        with torch.no_grad():
+            bad = ~torch.isfinite(potential(start))
+        if not bad.any():
+            break
+        start[bad] = torch.randn(int(bad.sum()), potential.dim, generator=gen, dtype=torch.float64)
+    inverse_mass = None
+    if laplace_mass:  # every chain climbs from its own flow draw to a mode, then starts a Laplace draw off it
+        mode, _ = find_modes(potential, start, steps=steps)
+        inverse_mass = laplace_covariance(potential, mode)
+        kick = (torch.linalg.cholesky(inverse_mass) @ torch.randn(*mode.shape, 1, generator=gen,
+                                                                  dtype=mode.dtype))[..., 0]
+        start = mode + jitter * kick
+        with torch.no_grad():
+            ok = torch.isfinite(potential(start))
+        start = torch.where(ok[:, None], start, mode)
+    return start, inverse_mass
 
 
 def _posterior_draws(model, args, kwargs, obs, posterior, n, seed, dtype, quantiles) -> Tensor:

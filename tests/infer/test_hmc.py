@@ -106,6 +106,24 @@ def test_sample_hmc_resumes_from_its_checkpoint_to_the_same_draws(tmp_path):
         sample_hmc(_Gaussian(mean, cov), start, checkpoint=ckpt, **{**kw, "num_warmup": 61})
     with pytest.raises(ValueError, match="other starting points"):
         sample_hmc(_Gaussian(mean, cov), start + 1, checkpoint=ckpt, **{**kw, "num_samples": 45})
+    with pytest.raises(ValueError, match="another potential"):
+        sample_hmc(_Gaussian(mean + 0.5, cov), start, checkpoint=ckpt, **{**kw, "num_samples": 45})
+
+
+def test_run_hmc_resumes_without_a_new_start_search(small_model, tmp_path):
+    """run_hmc with a checkpoint: a second call returns the first call's draws (the saved state
+    replaces the mode search); the same file with another galaxy's data raises."""
+    from sedppl.mocks import make_mocks
+
+    mock = make_mocks(small_model, 2, seed=9, redshift=0.1, snr_photometry=30)
+    kw = dict(num_samples=20, warmup_steps=20, num_chains=2, seed=1, progress=False, map_restarts=2, map_steps=30,
+              max_steps=8, checkpoint=tmp_path / "run.ckpt")
+    first = run_hmc(small_model, obs=mock.obs, **kw)
+    again = run_hmc(small_model, obs=mock.obs, **kw)
+    np.testing.assert_array_equal(first.posterior["log_mass"].values, again.posterior["log_mass"].values)
+    other = make_mocks(small_model, 2, seed=10, redshift=0.1, snr_photometry=30)
+    with pytest.raises(ValueError, match="another potential"):
+        run_hmc(small_model, obs=other.obs, **kw)
 
 
 def test_warmup_windows_follow_stan():
