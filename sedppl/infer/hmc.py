@@ -43,6 +43,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .hmc_checkpoint import read_state, saved_start, write_state
 from .potential import BatchedPotential, find_modes, laplace_covariance, physics_dtype
 
 DIVERGENCE_ENERGY = 1000.0
@@ -194,9 +195,10 @@ def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_
             draws so far, random generator), rewritten atomically every ``checkpoint_every``
             iterations and at the end. If it exists, the run continues from it and gives the
             same draws as an uninterrupted run; a finished run's file returns its result
-            without sampling, or, with a larger ``num_samples``, goes on to draw the rest. Read with ``torch.load(weights_only=True)`` (tensors and numbers
-            only). A file written for other settings, starting points or a potential that
-            differs at its saved positions (another observation or model) raises ValueError.
+            without sampling, or, with a larger ``num_samples``, goes on to draw the rest.
+            Read with ``torch.load(weights_only=True)`` (tensors and numbers only). A file
+            written for other settings, starting points or a potential that differs at its
+            saved positions (another observation or model) raises ValueError.
 
     Returns:
         {"u": (S, B, D) draws, "potential": (S, B), "accept_prob", "diverging", "n_steps",
@@ -210,7 +212,7 @@ def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_
                 "max_steps": int(max_steps)}
     keys = ("u", "potential", "accept_prob", "diverging", "n_steps", "step_size")
     ends = set(warmup_windows(num_warmup))
-    saved = _read_checkpoint(checkpoint, settings, start, potential) if checkpoint is not None else None
+    saved = read_state(checkpoint, settings, start, potential) if checkpoint is not None else None
     if saved is None:
         cov = (torch.eye(d, dtype=dtype).expand(b, d, d).clone() if inverse_mass is None
                else inverse_mass.to(dtype).clone())
@@ -244,7 +246,7 @@ def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_
                  "generator": gen.get_state()}
         for k in keys:
             state["out_" + k] = torch.stack(out[k]) if out[k] else torch.empty(0)
-        _write_atomically(state, checkpoint)
+        write_state(state, checkpoint)
 
     bar = tqdm(total=num_warmup + num_samples, initial=first, disable=not progress, desc="HMC", unit="it")
     for it in range(first, num_warmup + num_samples):
@@ -277,45 +279,6 @@ def sample_hmc(potential: BatchedPotential, start: Tensor, num_warmup: int, num_
     res["inverse_mass"] = cov
     res["warmup_divergences"] = warm_div
     return res
-
-
-def _write_atomically(state: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a crash mid-write leaves
-    the previous checkpoint intact."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _read_checkpoint(path: str | os.PathLike, settings: dict, start: Tensor, potential) -> dict | None:
-    """The state saved in ``path`` (None if there is no such file), checked against this run's settings,
-    starting points and potential (evaluated again at the saved positions)."""
-    if not os.path.exists(path):
-        return None
-    state = torch.load(path, weights_only=True)
-    for k, v in settings.items():
-        if k == "num_samples":  # a run may be extended to more draws (not cut below those it has)
-            if state["iteration"] > state["num_warmup"] + v:
-                raise ValueError(f"checkpoint {os.fspath(path)} already holds "
-                                 f"{state['iteration'] - state['num_warmup']} draws, more than num_samples = {v}")
-            continue
-        if state.get(k) != v:
-            raise ValueError(f"checkpoint {os.fspath(path)} was written with {k} = {state.get(k)}, this run has "
-                             f"{v}; remove the file or pass the run's original settings")
-    if state["start"].shape != start.shape or not torch.allclose(state["start"], start.to(state["start"].dtype),
-                                                                 rtol=1e-4, atol=1e-4):
-        raise ValueError(f"checkpoint {os.fspath(path)} was written for other starting points (another "
-                         "observation, model or seed?); remove it or rerun with the original inputs")
-    with torch.no_grad():
-        again = potential(state["u"]).to(state["pot"].dtype)
-    off = (again - state["pot"]).abs() > 1e-3 + 1e-6 * state["pot"].abs()
-    if bool(off.any()):
-        i = int(off.nonzero()[0, 0])
-        raise ValueError(f"checkpoint {os.fspath(path)} was written for another potential (another observation "
-                         f"or model?): at its saved position target {i} had potential {float(state['pot'][i]):.6g}, "
-                         f"here {float(again[i]):.6g}; remove it or rerun with the original inputs")
-    return state
 
 
 def _initial_step_size(potential, u: Tensor, chol: Tensor, step: float, gen: torch.Generator,
@@ -439,12 +402,12 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
 
         potential = BatchedPotential(model, args, {**kwargs, "obs": tiled},
                                      coordinates=FlowCoordinates(posterior, tiled, dtype))
-        start, inverse_mass = _saved_start(checkpoint), None
+        start, inverse_mass = saved_start(checkpoint), None
         if start is None:
             start, inverse_mass = _flow_starts(potential, num_chains * g, laplace_mass, map_steps, jitter, gen)
-    elif _saved_start(checkpoint) is not None:  # resuming: the state in the file replaces the start search
+    elif saved_start(checkpoint) is not None:  # resuming: the state in the file replaces the start search
         potential = BatchedPotential(model, args, {**kwargs, "obs": tiled}, dtype=dtype, student_t_quantiles=quantiles)
-        start, inverse_mass = _saved_start(checkpoint), None
+        start, inverse_mass = saved_start(checkpoint), None
     else:
         starts = None if posterior is None else _posterior_draws(model, args, kwargs, obs, posterior,
                                                                  init_draws, seed, dtype, quantiles)
@@ -461,13 +424,6 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
     idata = _to_arviz(potential, res, num_chains, g, predictive)
     check_convergence(idata)
     return idata
-
-
-def _saved_start(checkpoint: str | os.PathLike | None) -> Tensor | None:
-    """The starting points recorded in an existing checkpoint file (None without one)."""
-    if checkpoint is None or not os.path.exists(checkpoint):
-        return None
-    return torch.load(checkpoint, weights_only=True)["start"]
 
 
 def _flow_starts(potential: BatchedPotential, b: int, laplace_mass: bool, steps: int, jitter: float,
