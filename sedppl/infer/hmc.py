@@ -404,7 +404,7 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
                                      coordinates=FlowCoordinates(posterior, tiled, dtype))
         start, inverse_mass = saved_start(checkpoint), None
         if start is None:
-            start, inverse_mass = _flow_starts(potential, num_chains * g, laplace_mass, map_steps, jitter, gen)
+            start, inverse_mass = _flow_starts(potential, num_chains, g, laplace_mass, map_steps, jitter, gen)
     elif saved_start(checkpoint) is not None:  # resuming: the state in the file replaces the start search
         potential = BatchedPotential(model, args, {**kwargs, "obs": tiled}, dtype=dtype, student_t_quantiles=quantiles)
         start, inverse_mass = saved_start(checkpoint), None
@@ -426,11 +426,21 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
     return idata
 
 
-def _flow_starts(potential: BatchedPotential, b: int, laplace_mass: bool, steps: int, jitter: float,
+#: A chain whose mode lies this many nats above the best mode of its galaxy's chains restarts from that one.
+STRANDED_NATS = 100.0
+
+
+def _flow_starts(potential: BatchedPotential, chains: int, g: int, laplace_mass: bool, steps: int, jitter: float,
                  gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
-    """Starts (B, D) in a flow's base space and the first inverse mass matrices (None: identity):
-    flow draws, or (``laplace_mass``) Laplace draws at the modes the flow draws climb to."""
-    start = torch.randn(b, potential.dim, generator=gen, dtype=torch.float64)
+    """Starts (chains * G, D) in a flow's base space and the first inverse mass matrices (None: identity):
+    flow draws, or (``laplace_mass``) Laplace draws at the modes the flow draws climb to.
+
+    With ``laplace_mass``, a chain whose climb ended more than ``STRANDED_NATS`` above the best
+    of its galaxy's chains (a far local optimum, or L-BFGS stalled on a sum of potentials that
+    one bad start dominates) takes the best chain's mode instead: such a region holds a
+    fraction ~exp(-100) of the posterior, and a chain left there adapts a vanishing step and
+    never leaves (seen on a DESI-like mock: 4e8 nats above, step size 4e-11)."""
+    start = torch.randn(chains * g, potential.dim, generator=gen, dtype=torch.float64)
     for _ in range(20):  # redraw the rare start outside the support
         with torch.no_grad():
             bad = ~torch.isfinite(potential(start))
@@ -439,7 +449,14 @@ def _flow_starts(potential: BatchedPotential, b: int, laplace_mass: bool, steps:
         start[bad] = torch.randn(int(bad.sum()), potential.dim, generator=gen, dtype=torch.float64)
     inverse_mass = None
     if laplace_mass:  # every chain climbs from its own flow draw to a mode, then starts a Laplace draw off it
-        mode, _ = find_modes(potential, start, steps=steps)
+        mode, pot = find_modes(potential, start, steps=steps)
+        pot = torch.where(torch.isfinite(pot), pot, torch.full_like(pot, float("inf"))).reshape(chains, g)
+        best = pot.argmin(0)  # per galaxy
+        stranded = (pot > pot.min(0).values + STRANDED_NATS).reshape(-1)
+        mode = mode.reshape(chains, g, -1)
+        mode = torch.where(stranded.reshape(chains, g, 1), mode[best, torch.arange(g)], mode).reshape(chains * g, -1)
+        if stranded.any():  # again, now that no stranded start dominates the summed objective
+            mode, _ = find_modes(potential, mode, steps=steps)
         inverse_mass = laplace_covariance(potential, mode)
         kick = (torch.linalg.cholesky(inverse_mass) @ torch.randn(*mode.shape, 1, generator=gen,
                                                                   dtype=mode.dtype))[..., 0]

@@ -126,6 +126,39 @@ def test_run_hmc_resumes_without_a_new_start_search(small_model, tmp_path):
         run_hmc(small_model, obs=other.obs, **kw)
 
 
+class _TwoWells:
+    """U(u) = h (u0^2 / 9 - 1)^2 + c u0 + u1^2 / 2 with h = 5000, c = 500 / 6: wells near u0 = -3 and
+    u0 = +3 behind a barrier of ~5,000 nats, the second 500 nats worse."""
+
+    dim = 2
+
+    def __call__(self, u):
+        return 5000 * (u[..., 0] ** 2 / 9 - 1) ** 2 + 500 / 6 * u[..., 0] + 0.5 * u[..., 1] ** 2
+
+    def value_and_grad(self, u):
+        u = u.detach().requires_grad_(True)
+        pot = self(u)
+        return pot.detach(), torch.autograd.grad(pot.sum(), u)[0]
+
+
+def test_flow_starts_leave_no_chain_stranded_in_a_far_worse_mode():
+    """16 chains (8 of 2 galaxies) climb from standard-normal draws, some into the worse well: with
+    the repair every chain starts within 0.2 of the good well's u0 = -3, without it (threshold set
+    beyond 500 nats) some start in the bad one."""
+    import sedppl.infer.hmc as hmc
+
+    pot = _TwoWells()
+    start, mass = hmc._flow_starts(pot, 8, 2, True, 200, 1.0, torch.Generator().manual_seed(2))
+    assert float((start[:, 0] + 3).abs().max()) < 0.2 and mass.shape == (16, 2, 2)
+    kept = hmc.STRANDED_NATS
+    try:
+        hmc.STRANDED_NATS = 1e4
+        start, _ = hmc._flow_starts(pot, 8, 2, True, 200, 1.0, torch.Generator().manual_seed(2))
+    finally:
+        hmc.STRANDED_NATS = kept
+    assert bool(((start[:, 0] - 3).abs() < 0.2).any())
+
+
 def test_warmup_windows_follow_stan():
     """Stan's default for 1000 warmup iterations: windows 75-100, -150, -250, -450, -950."""
     assert warmup_windows(1000) == [99, 149, 249, 449, 949]
