@@ -439,7 +439,9 @@ def _flow_starts(potential: BatchedPotential, chains: int, g: int, laplace_mass:
     of its galaxy's chains (a far local optimum, or L-BFGS stalled on a sum of potentials that
     one bad start dominates) takes the best chain's mode instead: such a region holds a
     fraction ~exp(-100) of the posterior, and a chain left there adapts a vanishing step and
-    never leaves (seen on a DESI-like mock: 4e8 nats above, step size 4e-11)."""
+    never leaves (seen on a DESI-like mock: 4e8 nats above, step size 4e-11). Likewise a
+    chain whose Laplace draw lands more than ``STRANDED_NATS`` above its mode (a direction
+    where the finite-difference Hessian is wrong: 4e7 nats on another mock) starts at the mode."""
     start = torch.randn(chains * g, potential.dim, generator=gen, dtype=torch.float64)
     for _ in range(20):  # redraw the rare start outside the support
         with torch.no_grad():
@@ -461,9 +463,9 @@ def _flow_starts(potential: BatchedPotential, chains: int, g: int, laplace_mass:
         kick = (torch.linalg.cholesky(inverse_mass) @ torch.randn(*mode.shape, 1, generator=gen,
                                                                   dtype=mode.dtype))[..., 0]
         start = mode + jitter * kick
-        with torch.no_grad():
-            ok = torch.isfinite(potential(start))
-        start = torch.where(ok[:, None], start, mode)
+        with torch.no_grad():  # a kick along a direction the Laplace fit got wrong can land far out: not taken
+            rise = potential(start) - potential(mode)
+        start = torch.where((torch.isfinite(rise) & (rise < STRANDED_NATS))[:, None], start, mode)
     return start, inverse_mass
 
 

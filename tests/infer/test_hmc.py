@@ -159,6 +159,17 @@ def test_flow_starts_leave_no_chain_stranded_in_a_far_worse_mode():
     assert bool(((start[:, 0] - 3).abs() < 0.2).any())
 
 
+def test_flow_starts_refuse_a_laplace_kick_that_lands_far_out(monkeypatch):
+    """With a Laplace covariance 10^4 times too wide, every kick would raise the potential by far more
+    than 100 nats: each chain starts at its mode instead (u1 = 0 there)."""
+    import sedppl.infer.hmc as hmc
+
+    monkeypatch.setattr(hmc, "laplace_covariance", lambda pot, u: 1e4 * torch.eye(2, dtype=u.dtype).expand(
+        u.shape[0], 2, 2))
+    start, _ = hmc._flow_starts(_TwoWells(), 8, 2, True, 200, 1.0, torch.Generator().manual_seed(2))
+    assert float(start[:, 1].abs().max()) < 1e-3 and float((start[:, 0] + 3).abs().max()) < 0.05
+
+
 def test_warmup_windows_follow_stan():
     """Stan's default for 1000 warmup iterations: windows 75-100, -150, -250, -450, -950."""
     assert warmup_windows(1000) == [99, 149, 249, 449, 949]
