@@ -392,6 +392,7 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
     gen = torch.Generator().manual_seed(seed)
     g = obs.n_galaxies
     tiled = obs.tile(num_chains)
+    resumed = saved_start(checkpoint)  # a run to continue: its saved state replaces the search for starts
     if posterior is not None and neutra:
         from .neutra import FlowCoordinates
         from .npe import NeuralPosterior
@@ -402,12 +403,12 @@ def _run_hmc(model, args, kwargs, obs, num_samples, warmup_steps, num_chains, se
 
         potential = BatchedPotential(model, args, {**kwargs, "obs": tiled},
                                      coordinates=FlowCoordinates(posterior, tiled, dtype))
-        start, inverse_mass = saved_start(checkpoint), None
+        start, inverse_mass = resumed, None
         if start is None:
             start, inverse_mass = _flow_starts(potential, num_chains, g, laplace_mass, map_steps, jitter, gen)
-    elif saved_start(checkpoint) is not None:  # resuming: the state in the file replaces the start search
+    elif resumed is not None:
         potential = BatchedPotential(model, args, {**kwargs, "obs": tiled}, dtype=dtype, student_t_quantiles=quantiles)
-        start, inverse_mass = saved_start(checkpoint), None
+        start, inverse_mass = resumed, None
     else:
         starts = None if posterior is None else _posterior_draws(model, args, kwargs, obs, posterior,
                                                                  init_draws, seed, dtype, quantiles)

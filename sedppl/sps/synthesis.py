@@ -343,9 +343,8 @@ class StellarSynthesis(torch.nn.Module):
         set of edges (N + 1,) Gyr: two (N * Z, L) tensors, Lsun/A, rows (bin, metallicity)."""
         nz = self.log_z.shape[0]
         light = []
-        for w, fn, na in ((self.bin_weights(edges, 0.0, self.t_bc)[..., : self.n_young], self._young_light,
-                           self.n_young),
-                          (self.bin_weights(edges, self.t_bc, float("inf")), self._old_light, None)):
+        for w, fn in ((self.bin_weights(edges, 0.0, self.t_bc)[..., : self.n_young], self._young_light),
+                      (self.bin_weights(edges, self.t_bc, float("inf")), self._old_light)):
             n, a = w.shape
             # row (bin n, metallicity z) weighs the SSPs of metallicity z alone by the bin's age weights
             rows = torch.zeros(n, nz, nz, a, dtype=w.dtype)
