@@ -362,7 +362,7 @@ def run_hmc(model: Callable, *args, obs, num_samples: int = 500, warmup_steps: i
             at a draw of the Laplace approximation there (scaled by ``jitter``) and takes its
             Laplace covariance as the first inverse mass matrix. Chains of one galaxy that end
             at different local optima show it in R-hat. For posteriors much narrower than the
-            amortized one (spectra): a raw flow draw can lie 10^4 nats below the mode, where a
+            amortized one (spectra): a raw flow draw can lie 10^5 nats below the mode, where a
             chain adapts a tiny step and stays for hundreds of iterations.
         checkpoint: A file to save the sampler's state to as it runs, and to continue from
             if it exists (:func:`sample_hmc`): the run picks up at the saved iteration, with
